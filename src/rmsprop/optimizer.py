@@ -213,13 +213,13 @@ class RMSprop(Optimizer):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(groups)}"
             )
-        for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+        for gi, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
                     f"group {gi}: the loaded state dict has {len(saved['params'])} parameters, "
                     f"the optimizer has {len(group['params'])}"
                 )
-            for param, pid in zip(group["params"], saved["params"]):
+            for param, pid in zip(group["params"], saved["params"], strict=True):
                 entry = saved_state.get(pid)
                 if entry:
                     _check_param_state(entry, param, saved, where=f"group {gi}, parameter id {pid}")
