@@ -115,6 +115,7 @@ class RMSprop(Optimizer):
             momentum=momentum,
             nesterov=nesterov,
             initial_square_avg=initial_square_avg,
+            bias_correction=bias_correction,
         )
         if fused:
             raise NotImplementedError(
@@ -153,6 +154,7 @@ class RMSprop(Optimizer):
             momentum=merged["momentum"],
             nesterov=merged["nesterov"],
             initial_square_avg=merged["initial_square_avg"],
+            bias_correction=merged["bias_correction"],
         )
         super().add_param_group(param_group)
 

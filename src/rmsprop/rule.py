@@ -84,6 +84,7 @@ def validate_hyperparameters(
     momentum: Any,
     nesterov: bool,
     initial_square_avg: Any,
+    bias_correction: bool = False,
 ) -> None:
     """Raise ValueError naming the first invalid hyperparameter; touches nothing.
 
@@ -110,3 +111,5 @@ def validate_hyperparameters(
         raise ValueError(f"Invalid eps or momentum: eps={eps}, momentum={momentum} must be finite")
     if nesterov and not float(momentum) > 0:
         raise ValueError("nesterov=True requires momentum > 0")
+    if bias_correction and float(alpha) == 1.0:
+        raise ValueError("bias_correction=True requires alpha < 1 (the correction 1 - alpha^t would be 0)")

@@ -83,7 +83,7 @@ def rmsprop_foreach(
 
         v, m = b_square, b_grad_avgs
         if rule.bias_correction:
-            if capturable:
+            if capturable or torch.compiler.is_compiling():  # no .item(): see bias_correction_factor
                 corrections = torch._foreach_pow(alpha, b_steps)
                 torch._foreach_neg_(corrections)
                 torch._foreach_add_(corrections, 1)

@@ -16,8 +16,12 @@ __all__ = ["rmsprop_single", "bias_correction_factor"]
 
 
 def bias_correction_factor(step: Tensor, alpha: float, capturable: bool) -> float | Tensor:
-    """1 - alpha**t for the step counter ``step`` (a tensor when capturable, to stay on device)."""
-    if capturable:
+    """1 - alpha**t for the step counter ``step``.
+
+    A tensor when capturable or compiling: ``.item()`` would sync the device, break a captured
+    graph, or break torch.compile's graph.
+    """
+    if capturable or torch.compiler.is_compiling():
         return 1 - torch.pow(alpha, step)
     return 1 - alpha ** step.item()
 
