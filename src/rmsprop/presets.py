@@ -93,8 +93,10 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 },
                 peer_names={"learning_rate": "lr", "rho": "alpha", "epsilon": "eps"},
                 deviations=(
-                    "Keras decays weights as p - p * wd * lr, this library as p * (1 - lr * wd): "
-                    "equal in exact arithmetic, different in the last bits.",
+                    "Keras keeps lr in a float32 variable: with float64 parameters it sees lr "
+                    "rounded to float32. Its torch backend also computes the decay factor "
+                    "1 - wd * lr in float32 (the TF/JAX backends use p - p * wd * lr); this "
+                    "library computes p * (1 - lr * wd) in double precision.",
                     "Keras has no Nesterov option; nesterov=True is this library's extension.",
                     "Keras's clipnorm / clipvalue / use_ema / gradient accumulation are not "
                     "optimizer options here: use torch.nn.utils.clip_grad_norm_ and "
