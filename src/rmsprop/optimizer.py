@@ -83,6 +83,9 @@ class RMSprop(Optimizer):
             The two differ only when the lr changes during training.
         initial_square_avg: :math:`v_0` (0 in torch; 1 in TF1 and timm).
         bias_correction: divide :math:`v` (and :math:`m`) by :math:`1-\alpha^t`, as optax does.
+            With ``centered`` and :math:`v_0 = 0`, the corrected variance at :math:`t=1` is
+            :math:`g^2 - g^2 = 0`, so the first update is :math:`g/\epsilon` (optax behaves the
+            same): prefer ``initial_square_avg > 0`` or a larger ``eps`` with that combination.
     """
 
     def __init__(

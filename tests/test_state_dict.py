@@ -1,0 +1,185 @@
+"""Checkpoints: torch <-> rmsprop interop both ways, exact resume for every option, and a
+load_state_dict that checks everything before it changes anything."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from helpers import make_grads, make_params
+
+import rmsprop
+
+EXTENSIONS = {
+    "plain": {},
+    "eps_in_sqrt": {"eps_in_sqrt": True},
+    "nesterov": {"momentum": 0.9, "nesterov": True},
+    "decoupled": {"weight_decay": 0.1, "decoupled_weight_decay": True},
+    "lr_in_momentum": {"momentum": 0.9, "lr_in_momentum": True},
+    "initial_square_avg": {"initial_square_avg": 1.0},
+    "bias_correction": {"bias_correction": True, "centered": True, "initial_square_avg": 0.5},
+    "everything": {
+        "momentum": 0.9,
+        "centered": True,
+        "weight_decay": 0.1,
+        "maximize": True,
+        "eps_in_sqrt": True,
+        "nesterov": True,
+        "decoupled_weight_decay": True,
+        "lr_in_momentum": True,
+        "initial_square_avg": 1.0,
+        "bias_correction": True,
+    },
+}
+
+
+def _drive(opt, params, grads, lrs=None):
+    for t, step in enumerate(grads):
+        if lrs:
+            opt.param_groups[0]["lr"] = lrs[t]
+        for p, g in zip(params, step, strict=True):
+            p.grad = g.clone()
+        opt.step()
+
+
+def _roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("name", list(EXTENSIONS))
+def test_resume_is_bit_identical(name, foreach):
+    kwargs = {**EXTENSIONS[name], "foreach": foreach}
+    start = make_params()
+    grads = make_grads(start, steps=10)
+    lrs = [0.01 * 0.9**t for t in range(10)]
+
+    straight = [p.detach().clone().requires_grad_() for p in start]
+    opt = rmsprop.RMSprop(straight, **kwargs)
+    _drive(opt, straight, grads, lrs)
+
+    first = [p.detach().clone().requires_grad_() for p in start]
+    opt1 = rmsprop.RMSprop(first, **kwargs)
+    _drive(opt1, first, grads[:5], lrs[:5])
+    checkpoint = _roundtrip({"params": [p.detach() for p in first], "opt": opt1.state_dict()})
+
+    resumed = [p.clone().requires_grad_() for p in checkpoint["params"]]
+    opt2 = rmsprop.RMSprop(resumed, lr=123.0)  # hyperparameters come from the checkpoint
+    opt2.load_state_dict(checkpoint["opt"])
+    _drive(opt2, resumed, grads[5:], lrs[5:])
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed, strict=True))
+
+
+@pytest.mark.parametrize("direction", ["torch->rmsprop", "rmsprop->torch"])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"momentum": 0.9, "centered": True, "weight_decay": 0.01}], ids=["plain", "full"]
+)
+def test_checkpoints_move_between_torch_and_rmsprop(direction, kwargs):
+    start = make_params()
+    grads = make_grads(start, steps=8)
+    first_cls, second_cls = (
+        (torch.optim.RMSprop, rmsprop.RMSprop)
+        if direction == "torch->rmsprop"
+        else (rmsprop.RMSprop, torch.optim.RMSprop)
+    )
+
+    reference = [p.detach().clone().requires_grad_() for p in start]
+    _drive(torch.optim.RMSprop(reference, **kwargs), reference, grads)
+
+    ps = [p.detach().clone().requires_grad_() for p in start]
+    opt = first_cls(ps, **kwargs)
+    _drive(opt, ps, grads[:4])
+    saved = _roundtrip(opt.state_dict())
+    opt2 = second_cls(ps, **kwargs)
+    opt2.load_state_dict(saved)
+    _drive(opt2, ps, grads[4:])
+    assert all(torch.equal(a, b) for a, b in zip(reference, ps, strict=True))
+
+
+def test_torch_checkpoint_gets_extension_defaults():
+    ps = make_params()
+    opt = torch.optim.RMSprop(ps)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    ours = rmsprop.RMSprop(ps, eps_in_sqrt=True)
+    ours.load_state_dict(opt.state_dict())
+    group = ours.param_groups[0]
+    assert group["eps_in_sqrt"] is False  # the checkpoint is torch's algorithm
+    assert group["initial_square_avg"] == 0.0 and group["fused"] is None
+
+
+def _trained(**kwargs):
+    ps = make_params()
+    opt = rmsprop.RMSprop(ps, **kwargs)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return ps, opt
+
+
+def _bad_shape(sd):
+    sd["state"][0]["square_avg"] = torch.zeros(7)
+
+
+def _bad_kind(sd):
+    sd["state"][0]["square_avg"] = torch.zeros(3, 4, dtype=torch.int64)
+
+
+def _bad_complex(sd):
+    sd["state"][0]["square_avg"] = torch.zeros(3, 4, dtype=torch.complex64)
+
+
+def _missing_buffer(sd):
+    del sd["state"][1]["momentum_buffer"]
+
+
+def _too_few_params(sd):
+    sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+
+
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (_bad_shape, "shape"),
+        (_bad_kind, "dtype"),
+        (_bad_complex, "dtype"),
+        (_missing_buffer, "momentum_buffer"),
+        (_too_few_params, "parameters"),
+    ],
+    ids=["shape", "integer dtype", "complex for real", "missing buffer", "count"],
+)
+def test_bad_state_dict_raises_and_changes_nothing(corrupt, message):
+    ps, opt = _trained(momentum=0.9)
+    good = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(opt.state_dict())
+    corrupt(bad)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    for pid, entry in good["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(after["state"][pid][key], value)
+
+
+def test_float_state_is_cast_to_param_dtype_like_torch():
+    ps, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["square_avg"] = sd["state"][0]["square_avg"].double()
+    opt.load_state_dict(sd)
+    assert opt.state[ps[0]]["square_avg"].dtype == torch.float32
+
+
+def test_deepcopy_and_pickle_keep_state_and_options():
+    ps, opt = _trained(momentum=0.9, nesterov=True, eps_in_sqrt=True)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.param_groups[0]["nesterov"] and clone.param_groups[0]["eps_in_sqrt"]
+        states = list(clone.state.values())
+        assert len(states) == len(ps)
+        assert torch.equal(states[0]["momentum_buffer"], opt.state[ps[0]]["momentum_buffer"])
