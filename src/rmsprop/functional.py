@@ -2,36 +2,85 @@
 
 :class:`rmsprop.RMSprop` gathers lists of tensors and calls :func:`rmsprop`; backends plug in
 here and nowhere else.
+
+Choice, per group:
+- ``fused=True``: the fused CPU kernel for every tensor, or a RuntimeError saying why not.
+- ``fused=None`` with ``foreach=None`` (the default): the fused kernel for the tensors it supports
+  (CPU, float32/64, bfloat16, float16, complex; dense), foreach for the rest. If the native
+  library is missing, foreach, with one warning naming the cause.
+- ``fused=False`` or an explicit ``foreach``: the torch-op paths, bit-identical to torch
+  (``foreach=True``: multi-tensor; ``False``: per-tensor; ``None``: what torch would pick).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from .backends import fused_cpu
 from .backends.foreach import rmsprop_foreach
 from .backends.single import rmsprop_single
 from .rule import Rule
 
-__all__ = ["rmsprop", "choose_backend"]
+__all__ = ["rmsprop", "StepCache"]
 
 Backend = Callable[..., None]
+_warned_unavailable = False
 
 
-def choose_backend(
-    params: list[Tensor], *, foreach: bool | None, fused: bool | None, differentiable: bool
-) -> Backend:
-    """The backend for these tensors: what the user forced, else what torch would pick."""
-    if fused:
-        raise NotImplementedError(
-            "fused=True: the fused RMSprop kernel is not available in this version; "
-            "use fused=None or fused=False (foreach / per-tensor paths)"
+def _warn_unavailable_once() -> None:
+    global _warned_unavailable
+    if not _warned_unavailable:
+        _warned_unavailable = True
+        warnings.warn(
+            f"rmsprop: the fused CPU kernel is unavailable ({fused_cpu.load_error()}); "
+            "using the foreach path instead",
+            RuntimeWarning,
+            stacklevel=4,
         )
+
+
+def _torch_op_backend(params: list[Tensor], foreach: bool | None, differentiable: bool) -> Backend:
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable, use_fused=False)
     return rmsprop_foreach if foreach else rmsprop_single
+
+
+def _run_torch_ops(
+    backend: Backend, lists: tuple[list[Tensor], ...], grad_scale, found_inf, **kwargs
+) -> None:
+    """A torch-op backend with GradScaler's contract: skip on inf, else unscale the grads in place
+    by the float32 reciprocal of the scale, exactly as GradScaler.unscale_ does."""
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    params, grads = lists[0], lists[1]
+    if grad_scale is not None and grads:
+        inv_scale = grad_scale.double().reciprocal().float()
+        torch._foreach_mul_(grads, inv_scale.to(grads[0].device))
+    if params:
+        backend(*lists, **kwargs)
+
+
+def _split(lists: tuple[list[Tensor], ...]) -> tuple[list[int], list[int]]:
+    """Indices of the tensors the fused kernel supports, and of the others."""
+    params, grads, square_avgs, grad_avgs, momentum_buffers, _ = lists
+    fused, other = [], []
+    for i, (p, g, v) in enumerate(zip(params, grads, square_avgs, strict=True)):
+        states = [v]
+        if grad_avgs:
+            states.append(grad_avgs[i])
+        if momentum_buffers:
+            states.append(momentum_buffers[i])
+        (fused if fused_cpu.eligible(p, g, states) else other).append(i)
+    return fused, other
+
+
+def _subset(lists: tuple[list[Tensor], ...], indices: list[int]) -> tuple[list[Tensor], ...]:
+    return tuple([lst[i] for i in indices] if lst else [] for lst in lists)
 
 
 def rmsprop(
@@ -49,23 +98,86 @@ def rmsprop(
     differentiable: bool = False,
     capturable: bool = False,
     has_complex: bool = False,
-) -> None:
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> bool:
     r"""Apply one RMSProp step (see :class:`rmsprop.rule.Rule` for the formula) in place.
 
     ``grad_avgs`` is empty unless ``rule.centered``; ``momentum_buffers`` is empty unless
     ``rule.momentum > 0``; ``steps`` are the per-parameter step counters (tensors), incremented.
+    ``grad_scale`` / ``found_inf`` follow torch.amp.GradScaler's contract for optimizers with
+    ``_step_supports_amp_scaling``: grads are divided by the scale, and nothing happens (steps
+    included) when ``found_inf`` is nonzero. Returns True when the fused kernel did every tensor.
     """
-    backend = choose_backend(params, foreach=foreach, fused=fused, differentiable=differentiable)
-    backend(
-        params,
-        grads,
-        square_avgs,
-        grad_avgs,
-        momentum_buffers,
-        steps,
-        lr=lr,
-        rule=rule,
-        differentiable=differentiable,
-        capturable=capturable,
-        has_complex=has_complex,
+    lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
+    kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
+
+    wants_fused = fused is True or (
+        fused is None and foreach is None and not differentiable and not capturable
     )
+    if wants_fused and not fused_cpu.is_available():
+        if fused:
+            raise RuntimeError(f"fused=True: the fused CPU kernel is unavailable: {fused_cpu.load_error()}")
+        _warn_unavailable_once()
+        _run_torch_ops(rmsprop_foreach, lists, grad_scale, found_inf, has_complex=has_complex, **kwargs)
+        return False
+    if not wants_fused:
+        backend = _torch_op_backend(params, foreach, differentiable)
+        _run_torch_ops(backend, lists, grad_scale, found_inf, has_complex=has_complex, **kwargs)
+        return False
+
+    fused_indices, other_indices = _split(lists)
+    if fused and other_indices:
+        p = params[other_indices[0]]
+        raise RuntimeError(
+            "fused=True supports dense CPU tensors of dtype float32, float64, bfloat16, float16 or "
+            "complex whose gradient and state share the parameter's dtype and layout; got a "
+            f"parameter of dtype {p.dtype} on {p.device} (contiguous: {p.is_contiguous()}). "
+            "Use fused=None to route such tensors to foreach."
+        )
+    if fused_indices:
+        fused_lists = lists if not other_indices else _subset(lists, fused_indices)
+        fused_cpu.rmsprop_fused(*fused_lists, grad_scale=grad_scale, found_inf=found_inf, **kwargs)
+    if other_indices:
+        rest = _subset(lists, other_indices)
+        rest_complex = any(torch.is_complex(p) for p in rest[0])
+        # foreach for CPU leftovers too: on CPU it is still faster than a per-tensor loop
+        _run_torch_ops(rmsprop_foreach, rest, grad_scale, found_inf, has_complex=rest_complex, **kwargs)
+    return not other_indices
+
+
+def _dispatch_flags(group: dict) -> tuple:
+    return (group["foreach"], group["fused"], group["differentiable"], group["capturable"])
+
+
+class StepCache:
+    """Per-optimizer cache of fused-step plans (:class:`fused_cpu.FusedPlan`), one per group.
+
+    Purely a speed-up for groups of many small tensors: a plan re-checks everything it relies on
+    each step and declines when anything changed, and the optimizer then takes the general path.
+    """
+
+    def __init__(self) -> None:
+        self._plans: dict[int, tuple[dict, tuple, fused_cpu.FusedPlan]] = {}
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def try_step(self, group: dict, state: dict, *, rule: Rule, grad_scale=None, found_inf=None) -> bool:
+        """Run the group's cached fused step if it still applies; return whether it ran."""
+        entry = self._plans.get(id(group))
+        if entry is None or entry[0] is not group or entry[1] != _dispatch_flags(group):
+            return False
+        return entry[2].try_step(
+            group["params"], state, lr=group["lr"], rule=rule, grad_scale=grad_scale, found_inf=found_inf
+        )
+
+    def remember(self, group: dict, state: dict, lists: tuple[list[Tensor], ...]) -> None:
+        """After a step in which the fused kernel did the whole group, keep a plan for it."""
+        params = lists[0]
+        self._plans.pop(id(group), None)
+        if len(params) != len(group["params"]):
+            return  # some parameters had no gradient: their set may change, keep it general
+        plan = fused_cpu.FusedPlan.build(*lists, state_dicts=[state[p] for p in params])
+        if plan is not None:
+            self._plans[id(group)] = (group, _dispatch_flags(group), plan)

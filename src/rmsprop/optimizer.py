@@ -14,7 +14,7 @@ from torch.optim.optimizer import (
     _use_grad_for_differentiable,
 )
 
-from .functional import rmsprop
+from .functional import StepCache, rmsprop
 from .rule import Rule, validate_hyperparameters
 
 __all__ = ["RMSprop"]
@@ -44,7 +44,9 @@ class RMSprop(Optimizer):
     r"""RMSProp, a drop-in for :class:`torch.optim.RMSprop` with every published variant.
 
     With only torch's arguments, results are bit-identical to ``torch.optim.RMSprop`` on the same
-    path (``foreach=False``: per-tensor, ``foreach=True``: multi-tensor) and the state dict has
+    path (``foreach=False``: per-tensor, ``foreach=True``: multi-tensor, or ``fused=False``: what
+    torch picks); by default CPU tensors take the fused kernel, equal to those paths up to
+    rounding, in one pass over memory. The state dict has
     torch's keys and layout (``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``), so
     checkpoints move both ways.
 
@@ -71,7 +73,8 @@ class RMSprop(Optimizer):
             :math:`\sqrt{v - m^2}` (Graves, 2013), :math:`m` the running mean gradient; the
             variance is clamped at 0 so rounding never yields NaN.
         capturable, foreach, maximize, differentiable: as in torch.optim.RMSprop.
-        fused: reserved for the fused kernel; ``True`` raises NotImplementedError for now.
+        fused: ``None`` (default) uses the fused CPU kernel wherever it supports the tensors;
+            ``True`` forces it (RuntimeError where it cannot); ``False`` keeps torch's op paths.
         eps_in_sqrt: use :math:`\sqrt{v+\epsilon}` instead of :math:`\sqrt{v}+\epsilon`.
         nesterov: Nesterov momentum: apply :math:`u + \mu b` instead of :math:`b`
             (needs ``momentum > 0``).
@@ -120,11 +123,10 @@ class RMSprop(Optimizer):
             initial_square_avg=initial_square_avg,
             bias_correction=bias_correction,
         )
-        if fused:
-            raise NotImplementedError(
-                "fused=True: the fused RMSprop kernel is not available in this version; "
-                "use fused=None or fused=False"
-            )
+        if fused and foreach:
+            raise RuntimeError("fused=True and foreach=True cannot both be set")
+        if fused and differentiable:
+            raise RuntimeError("fused=True does not support differentiable=True")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -145,6 +147,11 @@ class RMSprop(Optimizer):
             "bias_correction": bias_correction,
         }
         super().__init__(params, defaults)
+        self._step_cache = StepCache()
+
+    # Every path honours GradScaler's grad_scale / found_inf (the fused one unscales inside its
+    # single pass), so GradScaler may hand them to step() instead of unscaling itself.
+    _step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch's, but the group's own hyperparameters are validated before it is added."""
@@ -163,6 +170,7 @@ class RMSprop(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._step_cache = StepCache()  # plans hold raw addresses: never carried over
         for group in self.param_groups:
             for key, value in {**_TORCH_DEFAULTS, **_EXTENSION_DEFAULTS}.items():
                 group.setdefault(key, value)
@@ -180,25 +188,22 @@ class RMSprop(Optimizer):
 
     def _check_step_inputs(self) -> None:
         """Raise before any tensor is touched, so a bad step leaves every group unchanged."""
-        capturable_devices = None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
+            grads = [p.grad for p in group["params"]]
+            if any(g is not None and g.is_sparse for g in grads):
+                shape = next(tuple(g.shape) for g in grads if g is not None and g.is_sparse)
+                raise RuntimeError(
+                    "RMSprop does not support sparse gradients "
+                    f"(a parameter of shape {shape} has a sparse .grad); nothing was updated"
+                )
+            if group["capturable"] and not torch.compiler.is_compiling():
+                devices = _get_capturable_supported_devices()
+                bad = next((p.device.type for p in group["params"] if p.device.type not in devices), None)
+                if bad is not None:
                     raise RuntimeError(
-                        "RMSprop does not support sparse gradients "
-                        f"(a parameter of shape {tuple(p.shape)} has a sparse .grad); "
-                        "nothing was updated"
+                        f"capturable=True requires parameters on a capturable device ({devices}), "
+                        f"got {bad}; nothing was updated"
                     )
-                if group["capturable"] and not torch.compiler.is_compiling():
-                    if capturable_devices is None:
-                        capturable_devices = _get_capturable_supported_devices()
-                    if p.device.type not in capturable_devices:
-                        raise RuntimeError(
-                            "capturable=True requires parameters on a capturable device "
-                            f"({capturable_devices}), got {p.device.type}; nothing was updated"
-                        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, after checking every state tensor against its parameter.
@@ -228,7 +233,18 @@ class RMSprop(Optimizer):
                 entry = saved_state.get(pid)
                 if entry:
                     _check_param_state(entry, param, saved, where=f"group {gi}, parameter id {pid}")
+        # torch replaces each group with the saved one. A checkpoint without "fused" (torch's own)
+        # says nothing about the kernel, so the group keeps the choice it was built with; missing
+        # algorithm switches take their torch values (False) in __setstate__.
+        state_dict = {
+            **state_dict,
+            "param_groups": [
+                saved if "fused" in saved else {**saved, "fused": group["fused"]}
+                for group, saved in zip(groups, saved_groups, strict=True)
+            ],
+        }
         super().load_state_dict(state_dict)
+        self._step_cache.clear()
 
     # ------------------------------------------------------------------ the step
 
@@ -290,7 +306,14 @@ class RMSprop(Optimizer):
                 loss = closure()
 
         self._check_step_inputs()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
+            rule = Rule.from_group(group)
+            if self._step_cache.try_step(
+                group, self.state, rule=rule, grad_scale=grad_scale, found_inf=found_inf
+            ):
+                continue
             params: list[Tensor] = []
             grads: list[Tensor] = []
             square_avgs: list[Tensor] = []
@@ -302,7 +325,7 @@ class RMSprop(Optimizer):
             )
             if not params:
                 continue
-            rmsprop(
+            all_fused = rmsprop(
                 params,
                 grads,
                 square_avgs,
@@ -310,13 +333,18 @@ class RMSprop(Optimizer):
                 momentum_buffers,
                 steps,
                 lr=group["lr"],
-                rule=Rule.from_group(group),
+                rule=rule,
                 foreach=group["foreach"],
                 fused=group["fused"],
                 differentiable=group["differentiable"],
                 capturable=group["capturable"],
                 has_complex=has_complex,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
             )
+            if all_fused:
+                lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
+                self._step_cache.remember(group, self.state, lists)
         return loss
 
 

@@ -1,0 +1,350 @@
+"""Fused CPU backend: one native call per group walks every tensor once (see _cpu/rmsprop_cpu.c).
+
+The kernel is a plain C library built by ``pip install`` and loaded with ctypes: no torch C++
+headers, nothing compiled at run time. In eager mode the step calls it directly (a custom-op
+dispatch over thousands of tensors would cost more than the kernel); under ``torch.compile`` it
+goes through the opaque custom op ``rmsprop::fused_step`` so the compiler sees one op.
+
+A tensor is eligible when it lives on the CPU, is float32/float64/bfloat16/float16 (or complex,
+as float pairs), and the parameter, its gradient and its state share one dtype and one dense
+layout (contiguous, or channels-last with equal strides). Anything else goes to foreach.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import operator
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..rule import Rule
+
+__all__ = ["load_error", "is_available", "eligible", "rmsprop_fused", "FusedPlan", "NATIVE_DTYPES"]
+
+# Element dtype codes of the C ABI; a table row is the C struct rms_tensor: param, grad,
+# square_avg, grad_avg, momentum_buffer, step (addresses), numel, dtype code.
+NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_COMPLEX_AS_REAL = {torch.complex64: 0, torch.complex128: 1}  # (re, im) pairs of f32 / f64
+_STEP_DTYPES = {torch.float32: 0, torch.float64: 1}
+_ABI_VERSION = 1
+_ERRORS = {-1: "unsupported dtype code", -2: "out of memory", -3: "bad thread count"}
+
+
+class _Rule(ctypes.Structure):
+    _fields_ = [
+        ("lr", ctypes.c_double),
+        ("alpha", ctypes.c_double),
+        ("eps", ctypes.c_double),
+        ("weight_decay", ctypes.c_double),
+        ("momentum", ctypes.c_double),
+        ("centered", ctypes.c_int32),
+        ("maximize", ctypes.c_int32),
+        ("eps_in_sqrt", ctypes.c_int32),
+        ("nesterov", ctypes.c_int32),
+        ("decoupled_weight_decay", ctypes.c_int32),
+        ("lr_in_momentum", ctypes.c_int32),
+        ("bias_correction", ctypes.c_int32),
+        ("has_momentum", ctypes.c_int32),
+        ("grad_scale", ctypes.c_void_p),
+        ("found_inf", ctypes.c_void_p),
+    ]
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    spec = importlib.util.find_spec("rmsprop._rmsprop_cpu")
+    if spec is None or not spec.origin:
+        return (
+            None,
+            "the native library rmsprop._rmsprop_cpu was not built (reinstall with a C compiler: pip install .)",
+        )
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError as exc:
+        return None, f"the native library {spec.origin} failed to load: {exc}"
+    if lib.rmsprop_abi_version() != _ABI_VERSION:
+        return None, f"the native library {spec.origin} is a different version; reinstall the package"
+    lib.rmsprop_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Rule), ctypes.c_int]
+    lib.rmsprop_step.restype = ctypes.c_int
+    return lib, None
+
+
+_LIB, _LOAD_ERROR = _load()
+
+
+def is_available() -> bool:
+    """True when the native kernel is built and loaded."""
+    return _LIB is not None
+
+
+def load_error() -> str | None:
+    """Why the native kernel is unavailable, or None."""
+    return _LOAD_ERROR
+
+
+def _same_layout(t: Tensor, p: Tensor, contiguous: bool) -> bool:
+    # Gradients and state always have the parameter's device and shape (torch checks .grad on
+    # assignment; load_state_dict checks shapes), so dtype and dense layout are what can differ.
+    if t.dtype is not p.dtype:
+        return False
+    return t.is_contiguous() if contiguous else (t.stride() == p.stride() and t.shape == p.shape)
+
+
+def eligible(param: Tensor, grad: Tensor, states: Sequence[Tensor]) -> bool:
+    """Whether the kernel can update this parameter (see the module docstring)."""
+    if not param.is_cpu or (param.dtype not in NATIVE_DTYPES and param.dtype not in _COMPLEX_AS_REAL):
+        return False
+    contiguous = param.is_contiguous()
+    if not contiguous and not (param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    if grad.is_sparse or not _same_layout(grad, param, contiguous):
+        return False
+    return all(_same_layout(s, param, contiguous) for s in states)
+
+
+_CODES = {**NATIVE_DTYPES, **_COMPLEX_AS_REAL}
+
+
+def _table(params, grads, square_avgs, grad_avgs, momentum_buffers, steps) -> Tensor:
+    """The (n, 8) int64 table of rms_tensor records the kernel walks."""
+    flat: list[int] = []
+    has_m, has_b = bool(grad_avgs), bool(momentum_buffers)
+    for i, p in enumerate(params):
+        step = steps[i]
+        step_code = _STEP_DTYPES.get(step.dtype)
+        if step_code is None or not step.is_cpu or step.numel() != 1:
+            raise RuntimeError(
+                f"fused RMSprop needs CPU float32/float64 step counters, got {step.dtype} on {step.device}"
+            )
+        code = _CODES[p.dtype]
+        flat += (
+            p.data_ptr(),
+            grads[i].data_ptr(),
+            square_avgs[i].data_ptr(),
+            grad_avgs[i].data_ptr() if has_m else 0,
+            momentum_buffers[i].data_ptr() if has_b else 0,
+            step.data_ptr(),
+            p.numel() * (2 if p.is_complex() else 1),  # complex: (re, im) float pairs
+            code | (step_code << 8),
+        )
+    return torch.tensor(flat, dtype=torch.int64)
+
+
+def _scalar_pointer(t: Tensor | None, name: str) -> tuple[int | None, Tensor | None]:
+    """Address of a float32 CPU scalar (and the tensor that keeps it alive)."""
+    if t is None:
+        return None, None
+    t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
+    return t.data_ptr(), t
+
+
+def _call_kernel(
+    params,
+    grads,
+    square_avgs,
+    grad_avgs,
+    momentum_buffers,
+    steps,
+    lr: float,
+    rule: Rule,
+    grad_scale,
+    found_inf,
+) -> None:
+    table = _table(params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
+    _run(table, len(params), lr, rule, grad_scale, found_inf)
+
+
+def _run(table: Tensor, n_tensors: int, lr: float, rule: Rule, grad_scale, found_inf) -> None:
+    if _LIB is None:
+        raise RuntimeError(f"fused RMSprop is unavailable: {_LOAD_ERROR}")
+    scale_ptr, scale_keep = _scalar_pointer(grad_scale, "grad_scale")
+    inf_ptr, inf_keep = _scalar_pointer(found_inf, "found_inf")
+    native_rule = _Rule(
+        lr,
+        rule.alpha,
+        rule.eps,
+        rule.weight_decay,
+        rule.momentum,
+        rule.centered,
+        rule.maximize,
+        rule.eps_in_sqrt,
+        rule.nesterov,
+        rule.decoupled_weight_decay,
+        rule.lr_in_momentum,
+        rule.bias_correction,
+        rule.momentum > 0,
+        scale_ptr,
+        inf_ptr,
+    )
+    status = _LIB.rmsprop_step(
+        table.data_ptr(), n_tensors, ctypes.byref(native_rule), torch.get_num_threads()
+    )
+    del scale_keep, inf_keep
+    if status != 0:
+        raise RuntimeError(f"fused RMSprop kernel failed: {_ERRORS.get(status, status)}")
+
+
+@torch.library.custom_op(
+    "rmsprop::fused_step",
+    mutates_args=("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps"),
+    device_types="cpu",
+)
+def _fused_step_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    flags: list[bool],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    rule = Rule(alpha, eps, weight_decay, momentum, *flags)
+    _call_kernel(
+        params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, rule, grad_scale, found_inf
+    )
+
+
+@_fused_step_op.register_fake
+def _(
+    params,
+    grads,
+    square_avgs,
+    grad_avgs,
+    momentum_buffers,
+    steps,
+    lr,
+    alpha,
+    eps,
+    weight_decay,
+    momentum,
+    flags,
+    grad_scale,
+    found_inf,
+):
+    return None
+
+
+def rmsprop_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    rule: Rule,
+    differentiable: bool = False,
+    capturable: bool = False,
+    has_complex: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Update every tensor in place with one native call (tensors must be :func:`eligible`)."""
+    del has_complex  # complex tensors are passed as float pairs
+    if differentiable:
+        raise RuntimeError("fused=True does not support differentiable=True")
+    if capturable:
+        raise RuntimeError("fused=True does not support capturable=True (the fused kernel is CPU-only)")
+    if not params:
+        return
+    lr = float(lr)
+    if torch.compiler.is_compiling():
+        flags = [
+            rule.centered,
+            rule.maximize,
+            rule.eps_in_sqrt,
+            rule.nesterov,
+            rule.decoupled_weight_decay,
+            rule.lr_in_momentum,
+            rule.bias_correction,
+        ]
+        _fused_step_op(
+            params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr,
+            rule.alpha, rule.eps, rule.weight_decay, rule.momentum, flags, grad_scale, found_inf,
+        )  # fmt: skip
+    else:
+        _call_kernel(
+            params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, rule, grad_scale, found_inf
+        )
+
+
+class FusedPlan:
+    """A whole group's fused step with its pointer table kept between steps.
+
+    Building the table costs a few microseconds per tensor in Python, as much as the kernel
+    itself for thousands of small tensors. A plan keeps it and, each step, only re-checks what
+    can change (cheap, mostly identity tests): the same parameter objects at the same addresses,
+    the same state dicts holding the same state tensors, gradients present with the parameter's
+    dtype and contiguous. Then it refreshes the gradient addresses and calls the kernel. If any
+    check fails it does nothing and says so, and the caller takes the general path.
+    """
+
+    def __init__(self, params, square_avgs, grad_avgs, momentum_buffers, steps, state_dicts) -> None:
+        self.params = tuple(params)
+        self.state_dicts = tuple(state_dicts)
+        self.square_avgs, self.grad_avgs = tuple(square_avgs), tuple(grad_avgs)
+        self.momentum_buffers, self.steps = tuple(momentum_buffers), tuple(steps)
+        self.dtypes = tuple(p.dtype for p in params)
+        self.param_ptrs = [p.data_ptr() for p in params]
+        grads = [p.grad for p in params]
+        self.table = _table(params, grads, square_avgs, grad_avgs, momentum_buffers, steps).view(-1, 8)
+
+    @classmethod
+    def build(
+        cls, params, grads, square_avgs, grad_avgs, momentum_buffers, steps, state_dicts
+    ) -> FusedPlan | None:
+        """A plan for these tensors, or None when some are not plain contiguous eligible ones."""
+        for i, p in enumerate(params):
+            if not p.is_contiguous():
+                return None  # channels-last and friends: correct on the general path, not cached
+            states = (
+                [square_avgs[i]]
+                + ([grad_avgs[i]] if grad_avgs else [])
+                + ([momentum_buffers[i]] if momentum_buffers else [])
+            )
+            if not eligible(p, grads[i], states):
+                return None
+        return cls(params, square_avgs, grad_avgs, momentum_buffers, steps, state_dicts)
+
+    def _still_valid(self, group_params, state, grads) -> bool:
+        if len(group_params) != len(self.params) or not all(map(operator.is_, group_params, self.params)):
+            return False
+        if not all(
+            g is not None and g.dtype is d and g.layout is torch.strided and g.is_contiguous()
+            for g, d in zip(grads, self.dtypes, strict=True)
+        ):
+            return False
+        if not all(map(operator.is_, map(state.get, self.params), self.state_dicts)):
+            return False
+        checks = [(self.square_avgs, "square_avg"), (self.steps, "step")]
+        if self.grad_avgs:
+            checks.append((self.grad_avgs, "grad_avg"))
+        if self.momentum_buffers:
+            checks.append((self.momentum_buffers, "momentum_buffer"))
+        for tensors, key in checks:
+            if not all(sd.get(key) is t for sd, t in zip(self.state_dicts, tensors, strict=True)):
+                return False
+        return [p.data_ptr() for p in self.params] == self.param_ptrs
+
+    def try_step(self, group_params, state, *, lr, rule: Rule, grad_scale=None, found_inf=None) -> bool:
+        """Run the step if the plan still holds; return whether it ran."""
+        grads = [p.grad for p in self.params]
+        if not self._still_valid(group_params, state, grads):
+            return False
+        if (rule.momentum > 0) != bool(self.momentum_buffers) or rule.centered != bool(self.grad_avgs):
+            return False
+        self.table[:, 1] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+        _run(self.table, len(self.params), float(lr), rule, grad_scale, found_inf)
+        return True
