@@ -8,6 +8,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+# Every backend, as the optimizer arguments that select it.
+BACKENDS: dict[str, dict] = {
+    "per-tensor": {"foreach": False, "fused": False},
+    "foreach": {"foreach": True, "fused": False},
+    "fused": {"fused": True},
+}
+
 SHAPES: tuple[tuple[int, ...], ...] = ((3, 4), (5,), (2, 3, 2), (1,))
 
 

@@ -1,7 +1,8 @@
-"""Both torch-op backends against the float64 NumPy reference, for every combination of options.
+"""Every backend against the float64 NumPy reference, for every combination of options.
 
 Everything runs in float64, so the only differences are the order of rounding (torch's lerp vs
-the reference's a*m + (1-a)*g, addcdiv vs g/d*lr): a few ulps per step, hence rtol 1e-10.
+the reference's a*m + (1-a)*g, addcdiv vs g/d*lr, the fused kernel's multiply by 1/(1-a^t)):
+a few ulps per step, hence rtol 1e-10.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from helpers import make_grads, make_params, run, to_real_numpy
+from helpers import BACKENDS, make_grads, make_params, run, to_real_numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,10 +46,13 @@ COMBINATIONS = list(_combinations())
 LRS = [0.01, 0.01, 0.02, 0.02, 0.005, 0.005, 0.01, 0.03]  # a changing lr exercises lr_in_momentum
 
 
-def _compare_with_reference(params, grads, options, lrs, foreach, rtol=1e-10, atol=1e-12):
+def _compare_with_reference(params, grads, options, lrs, backend, rtol=1e-10, atol=1e-12):
     alpha = options.pop("alpha", 0.9)
     ours, opt = run(
-        lambda p: rmsprop.RMSprop(p, lr=lrs[0], alpha=alpha, foreach=foreach, **options), params, grads, lrs
+        lambda p: rmsprop.RMSprop(p, lr=lrs[0], alpha=alpha, **BACKENDS[backend], **options),
+        params,
+        grads,
+        lrs,
     )
     for i, p in enumerate(ours):
         ref = run_reference(
@@ -83,29 +87,29 @@ def _exact_first_step(params, grads):
     return params, grads
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize(
     "options", COMBINATIONS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if v) or "plain"
 )
-def test_every_combination_matches_reference(options, foreach):
+def test_every_combination_matches_reference(options, backend):
     params = make_params(torch.float64, shapes=((4, 3), (5,)))
     grads = make_grads(params, steps=len(LRS))
     options = dict(options)
     if _noise_dominated_first_step(options):
         params, grads = _exact_first_step(params, grads)
         options.update(alpha=0.75, weight_decay=0.25 if options["weight_decay"] else 0.0)
-    _compare_with_reference(params, grads, options, LRS, foreach)
+    _compare_with_reference(params, grads, options, LRS, backend)
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.complex128, torch.float32])
-def test_all_switches_on_other_dtypes(dtype, foreach):
+def test_all_switches_on_other_dtypes(dtype, backend):
     """Complex params update (real, imag) as two reals; float32 agrees to float32 rounding."""
     options = {k: v[-1] for k, v in SWITCHES.items()}
     params = make_params(dtype)
     grads = make_grads(params, steps=len(LRS))
     tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.complex128 else {"rtol": 2e-5, "atol": 1e-6}
-    _compare_with_reference(params, grads, options, LRS, foreach, **tol)
+    _compare_with_reference(params, grads, options, LRS, backend, **tol)
 
 
 def test_combination_count_covers_every_switch():
@@ -113,8 +117,8 @@ def test_combination_count_covers_every_switch():
     assert len(COMBINATIONS) == 2**10 - 2**8
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
-def test_centered_variance_is_clamped_where_torch_returns_nan(foreach):
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_centered_variance_is_clamped_where_torch_returns_nan(backend):
     """Constant gradients: v - m^2 = alpha^t g^2 sinks below float32 rounding and comes out
     negative for some elements. torch takes its square root (NaN); the clamp keeps ours finite,
     and every element torch kept finite is bit-identical."""
@@ -122,7 +126,10 @@ def test_centered_variance_is_clamped_where_torch_returns_nan(foreach):
 
     def drive(cls):
         p = torch.zeros(2000, requires_grad=True)
-        opt = cls([p], lr=1e-3, alpha=0.9, centered=True, foreach=foreach)
+        if cls is torch.optim.RMSprop:
+            opt = cls([p], lr=1e-3, alpha=0.9, centered=True, foreach=backend == "foreach")
+        else:
+            opt = cls([p], lr=1e-3, alpha=0.9, centered=True, **BACKENDS[backend])
         for _ in range(300):
             p.grad = values.clone()
             opt.step()
@@ -131,12 +138,16 @@ def test_centered_variance_is_clamped_where_torch_returns_nan(foreach):
     ours, theirs = drive(rmsprop.RMSprop), drive(torch.optim.RMSprop)
     assert theirs.isnan().sum() > 100  # the scenario really is one where torch fails
     assert torch.isfinite(ours).all()
-    finite = theirs.isfinite()
-    assert torch.equal(ours[finite], theirs[finite])
+    if backend != "fused":
+        # same op sequence, so the same rounding noise: bit-identical wherever torch is finite
+        finite = theirs.isfinite()
+        assert torch.equal(ours[finite], theirs[finite])
+    # The fused kernel rounds differently, and here the variance IS rounding noise (amplified by
+    # 1/(sqrt(noise) + eps)), so only the absence of NaN is a meaningful claim for it.
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
-def test_centered_alpha_zero_with_exact_inputs(foreach):
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_centered_alpha_zero_with_exact_inputs(backend):
     """alpha = 0, centered: v - m^2 = g^2 - g^2 is 0 at every step, so each update is g / eps.
     Dyadic gradients make every operation exact, so both sides compute exactly that."""
     params = make_params(torch.float64, shapes=((4, 3), (5,)))
@@ -144,7 +155,7 @@ def test_centered_alpha_zero_with_exact_inputs(foreach):
     params = [torch.randint(-8, 8, p.shape, generator=gen).double() / 8 for p in params]
     grads = [[torch.randint(-8, 8, p.shape, generator=gen).double() / 4 for p in params] for _ in range(4)]
     options = {"alpha": 0.0, "centered": True, "eps": 0.5, "momentum": 0.5}
-    _compare_with_reference(params, grads, options, [0.25] * 4, foreach, rtol=0, atol=0)
+    _compare_with_reference(params, grads, options, [0.25] * 4, backend, rtol=0, atol=0)
 
 
 shapes = st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple)
@@ -173,11 +184,11 @@ shapes = st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple)
             )
         }
     ),
-    foreach=st.booleans(),
+    backend=st.sampled_from(list(BACKENDS)),
     seed=st.integers(0, 2**16),
 )
 def test_property_any_shape_and_hyperparameters(
-    shape, lr, alpha, eps, momentum, weight_decay, initial_square_avg, flags, foreach, seed
+    shape, lr, alpha, eps, momentum, weight_decay, initial_square_avg, flags, backend, seed
 ):
     if flags["nesterov"] and momentum == 0:
         flags = {**flags, "nesterov": False}
@@ -198,4 +209,4 @@ def test_property_any_shape_and_hyperparameters(
         initial_square_avg=initial_square_avg,
         **flags,
     )
-    _compare_with_reference(params, grads, options, [lr] * 5, foreach, rtol=1e-9, atol=1e-11)
+    _compare_with_reference(params, grads, options, [lr] * 5, backend, rtol=1e-9, atol=1e-11)

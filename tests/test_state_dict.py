@@ -83,10 +83,12 @@ def test_resume_is_bit_identical(name, foreach):
 def test_checkpoints_move_between_torch_and_rmsprop(direction, kwargs):
     start = make_params()
     grads = make_grads(start, steps=8)
+
+    def exact(params, **kw):  # torch's op path: the bit-exact claim
+        return rmsprop.RMSprop(params, fused=False, **kw)
+
     first_cls, second_cls = (
-        (torch.optim.RMSprop, rmsprop.RMSprop)
-        if direction == "torch->rmsprop"
-        else (rmsprop.RMSprop, torch.optim.RMSprop)
+        (torch.optim.RMSprop, exact) if direction == "torch->rmsprop" else (exact, torch.optim.RMSprop)
     )
 
     reference = [p.detach().clone().requires_grad_() for p in start]
@@ -100,6 +102,15 @@ def test_checkpoints_move_between_torch_and_rmsprop(direction, kwargs):
     opt2.load_state_dict(saved)
     _drive(opt2, ps, grads[4:])
     assert all(torch.equal(a, b) for a, b in zip(reference, ps, strict=True))
+
+
+def test_loading_a_torch_checkpoint_keeps_the_kernel_choice():
+    ps = make_params()
+    torch_opt = torch.optim.RMSprop(ps)
+    for fused in (False, True, None):
+        ours = rmsprop.RMSprop(ps, fused=fused)
+        ours.load_state_dict(torch_opt.state_dict())
+        assert ours.param_groups[0]["fused"] is fused
 
 
 def test_torch_checkpoint_gets_extension_defaults():

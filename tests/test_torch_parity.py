@@ -62,13 +62,23 @@ def test_bit_identical_with_a_scheduler_changing_lr(foreach):
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
-def test_default_path_matches_torch_default_path():
-    """foreach=None picks what torch picks (per-tensor on CPU), so defaults match bit for bit."""
+def test_fused_false_default_path_is_torch_default_path():
+    """fused=False, foreach=None picks what torch picks (per-tensor on CPU): bit for bit."""
     params = make_params(torch.float32)
     grads = make_grads(params, steps=5)
-    ours, _ = run(lambda p: rmsprop.RMSprop(p, momentum=0.9), params, grads)
+    ours, _ = run(lambda p: rmsprop.RMSprop(p, momentum=0.9, fused=False), params, grads)
     theirs, _ = run(lambda p: torch.optim.RMSprop(p, momentum=0.9), params, grads)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_default_fused_path_matches_torch_to_fp32_rounding():
+    """The default on CPU is the fused kernel: one rounding per value instead of one per op."""
+    params = make_params(torch.float32)
+    grads = make_grads(params, steps=20)
+    ours, _ = run(lambda p: rmsprop.RMSprop(p, momentum=0.9, centered=True), params, grads)
+    theirs, _ = run(lambda p: torch.optim.RMSprop(p, momentum=0.9, centered=True), params, grads)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_parameters_without_grad_are_skipped_like_torch():
@@ -86,7 +96,7 @@ def test_parameters_without_grad_are_skipped_like_torch():
             opt.step()
         return ps, opt
 
-    ours, our_opt = drive(rmsprop.RMSprop)
+    ours, our_opt = drive(lambda ps, **kw: rmsprop.RMSprop(ps, fused=False, **kw))
     theirs, their_opt = drive(torch.optim.RMSprop)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
     assert our_opt.state[ours[1]]["step"].item() == 2.0

@@ -46,11 +46,6 @@ def test_bad_param_group_is_refused_and_not_added(kwargs, message):
     assert len(opt.param_groups) == 1
 
 
-def test_fused_true_is_refused_until_the_kernel_exists():
-    with pytest.raises(NotImplementedError, match="fused"):
-        rmsprop.RMSprop(make_params(), fused=True)
-
-
 def test_sparse_gradient_raises_before_anything_changes():
     dense = make_params()
     sparse_param = torch.zeros(5, 3, requires_grad=True)
