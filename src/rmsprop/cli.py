@@ -31,6 +31,33 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .bench.runner import run_bench, save
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run_bench(
+        quick=args.quick,
+        configs=args.configs,
+        compile_torch=not args.no_compile,
+        first_step=not args.no_first_step,
+    )
+    if "first_step" in results:
+        f = results["first_step"]
+        print(
+            f"\nfirst step in a fresh process: fused {f['fused']['first_step_s']:.3f} s, "
+            f"foreach {f['foreach']['first_step_s']:.3f} s "
+            f"(fused costs {f['fused_first_minus_foreach_first_s']:+.3f} s more)"
+        )
+    for path in save(results, Path(args.out), plot=args.plot):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .presets import PRESETS
@@ -49,6 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=10)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    from .bench.runner import CONFIGS
+
+    bench = sub.add_parser("bench", help="measure step throughput of every implementation side by side")
+    bench.add_argument(
+        "--quick", action="store_true", help="three configurations, fewer repeats, no torch.compile"
+    )
+    bench.add_argument(
+        "--configs", nargs="+", choices=list(CONFIGS), metavar="NAME", help=f"from {list(CONFIGS)}"
+    )
+    bench.add_argument(
+        "--out", default="bench-results", help="folder for bench.json, bench.md (and bench.png)"
+    )
+    bench.add_argument("--plot", action="store_true", help="also write bench.png (needs matplotlib)")
+    bench.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads first")
+    bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile-d torch optimizer")
+    bench.add_argument(
+        "--no-first-step", action="store_true", help="skip the fresh-process first-step timing"
+    )
+    bench.set_defaults(run=_bench)
     return parser
 
 

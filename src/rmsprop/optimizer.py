@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -18,6 +20,8 @@ from .functional import StepCache, rmsprop
 from .rule import Rule, validate_hyperparameters
 
 __all__ = ["RMSprop"]
+
+_GRAD, _LAYOUT = operator.attrgetter("grad"), operator.attrgetter("layout")
 
 # Group keys this library adds to torch's; torch checkpoints lack them, so they get these values.
 _EXTENSION_DEFAULTS: dict[str, Any] = {
@@ -187,14 +191,17 @@ class RMSprop(Optimizer):
     # ------------------------------------------------------------------ validation before mutation
 
     def _check_step_inputs(self) -> None:
-        """Raise before any tensor is touched, so a bad step leaves every group unchanged."""
+        """Raise before any tensor is touched, so a bad step leaves every group unchanged.
+
+        Afterwards every gradient is a strided (dense) tensor; the backends rely on it.
+        """
         for group in self.param_groups:
-            grads = [p.grad for p in group["params"]]
-            if any(g is not None and g.is_sparse for g in grads):
-                shape = next(tuple(g.shape) for g in grads if g is not None and g.is_sparse)
+            grads = [g for g in map(_GRAD, group["params"]) if g is not None]
+            if not all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided))):
+                bad = next(g for g in grads if g.layout is not torch.strided)
                 raise RuntimeError(
                     "RMSprop does not support sparse gradients "
-                    f"(a parameter of shape {shape} has a sparse .grad); nothing was updated"
+                    f"(a parameter of shape {tuple(bad.shape)} has a {bad.layout} .grad); nothing was updated"
                 )
             if group["capturable"] and not torch.compiler.is_compiling():
                 devices = _get_capturable_supported_devices()

@@ -13,16 +13,23 @@
  *   v  = alpha * v + (1 - alpha) * g * g
  *   m  = m + (1 - alpha) * (g - m)                     (centered; torch's lerp form)
  *   s  = max(v * inv_c - (m * inv_c)^2, 0) or v * inv_c   (inv_c = 1 / (1 - alpha^t), or 1)
- *   d  = sqrt(s + eps_in) + eps_out                    (eps inside or outside the root)
+ *   d  = sqrt(s + eps) or sqrt(s) + eps                (eps inside or outside the root)
  *   u  = g / d
  *   b  = mu * b + k_buf * u;  p -= k_par * (nesterov ? k_buf * u + mu * b : b)   (momentum)
  *   p -= lr * u                                        (no momentum)
- * k_buf, k_par are (lr, 1) with lr_in_momentum and (1, lr) without. Switches that are off become
- * exact identities (x * 1, x + 0), so only centered, the momentum kind and coupled weight decay
- * change the loop's shape; those are compile-time constants of 12 specialised loops.
+ * k_buf, k_par are (lr, 1) with lr_in_momentum and (1, lr) without. Centered, the momentum kind,
+ * coupled weight decay, eps placement and "plain" (no gradient scaling or sign flip, decoupled
+ * decay or bias correction, whose factors are then skipped) are compile-time constants: 48
+ * specialised loops per dtype. lr_in_momentum only changes k_buf / k_par, exact either way.
+ *
+ * Threads: each of T threads takes a 1/T slice of every tensor. The threads are torch's own
+ * OpenMP pool when the caller hands us its GOMP_parallel entry point (rmsprop_use_openmp): its
+ * workers are already running and warm, and no second pool competes with torch's for the cores.
+ * Otherwise plain pthreads are started per call (correct, but slower to wake in some VMs).
  */
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,7 +79,7 @@ RMS_INLINE uint16_t bf16_store(float f) { /* round to nearest even; NaN stays Na
 
 /* Scalars of one call, in the math type. */
 typedef struct {
-    double inv_scale, sign, wd, decay, alpha, one_minus_alpha, eps_in, eps_out, lr, mu, k_buf, k_par;
+    double inv_scale, sign, wd, decay, alpha, one_minus_alpha, eps, lr, mu, k_buf, k_par;
 } rms_scalars;
 
 /* ------------------------------------------------------------------ the element loop
@@ -84,31 +91,32 @@ typedef struct {
     RMS_INLINE void NAME##_body(S *restrict p_, S *restrict g_, S *restrict v_, S *restrict m_,   \
                                 S *restrict b_, int64_t n, const rms_scalars *c, M inv_corr,      \
                                 int write_back, const int centered, const int mom_kind,           \
-                                const int coupled) {                                              \
+                                const int coupled, const int eps_inside, const int plain) {       \
         const M inv_scale = (M)c->inv_scale, sign = (M)c->sign, wd = (M)c->wd;                   \
         const M decay = (M)c->decay, alpha = (M)c->alpha, oma = (M)c->one_minus_alpha;            \
-        const M eps_in = (M)c->eps_in, eps_out = (M)c->eps_out, lr = (M)c->lr, mu = (M)c->mu;     \
+        const M eps = (M)c->eps, lr = (M)c->lr, mu = (M)c->mu;                                    \
         const M k_buf = (M)c->k_buf, k_par = (M)c->k_par;                                        \
         if (write_back) { /* AMP: unscale the gradient in place, as GradScaler.unscale_ would */ \
             for (int64_t i = 0; i < n; i++) g_[i] = STORE(LOAD(g_[i]) * inv_scale);              \
         }                                                                                         \
         const M gscale = write_back ? sign : inv_scale * sign;                                    \
         for (int64_t i = 0; i < n; i++) {                                                         \
-            M g = LOAD(g_[i]) * gscale;                                                           \
+            M g = LOAD(g_[i]);                                                                    \
             M p = LOAD(p_[i]);                                                                    \
+            if (!plain) g = g * gscale;                                                           \
             if (coupled) g = g + wd * p;                                                          \
-            p = p * decay;                                                                        \
+            if (!plain) p = p * decay;                                                            \
             M v = alpha * LOAD(v_[i]) + oma * g * g;                                              \
-            M s = v * inv_corr;                                                                   \
+            M s = plain ? v : v * inv_corr;                                                       \
             if (centered) {                                                                       \
                 M m = LOAD(m_[i]);                                                                \
                 m = m + oma * (g - m);                                                            \
-                M mh = m * inv_corr;                                                              \
+                M mh = plain ? m : m * inv_corr;                                                  \
                 s = s - mh * mh;                                                                  \
                 s = s < (M)0 ? (M)0 : s; /* clamp rounding error; NaN passes through */          \
                 m_[i] = STORE(m);                                                                 \
             }                                                                                     \
-            M u = g / (SQRT(s + eps_in) + eps_out);                                               \
+            M u = eps_inside ? g / SQRT(s + eps) : g / (SQRT(s) + eps);                           \
             if (mom_kind == 0) {                                                                  \
                 p = p - lr * u;                                                                   \
             } else {                                                                              \
@@ -124,21 +132,25 @@ typedef struct {
     RMS_CLONES static void NAME(S *p, S *g, S *v, S *m, S *b, int64_t n, const rms_scalars *c,    \
                                 double inv_corr, int write_back, int variant) {                   \
         M ic = (M)inv_corr;                                                                       \
-        switch (variant) {                                                                        \
-        case 0: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 0, 0, 0); break;                 \
-        case 1: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 0, 0, 1); break;                 \
-        case 2: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 0, 1, 0); break;                 \
-        case 3: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 0, 1, 1); break;                 \
-        case 4: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 0, 2, 0); break;                 \
-        case 5: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 0, 2, 1); break;                 \
-        case 6: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 1, 0, 0); break;                 \
-        case 7: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 1, 0, 1); break;                 \
-        case 8: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 1, 1, 0); break;                 \
-        case 9: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 1, 1, 1); break;                 \
-        case 10: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 1, 2, 0); break;                \
-        default: NAME##_body(p, g, v, m, b, n, c, ic, write_back, 1, 2, 1); break;                \
-        }                                                                                         \
+        const int plain = variant & 1, eps_inside = (variant >> 1) & 1, coupled = (variant >> 2) & 1; \
+        const int kind = (variant >> 3) % 3, centered = (variant >> 3) / 3;                      \
+        /* every (centered, kind, coupled, eps_inside, plain) is a constant at its call site */  \
+        RMS_EXPAND(NAME##_body, centered, kind, coupled, eps_inside, plain)                        \
     }
+
+/* Calls BODY with all five flags as literal constants, selected by the runtime values. */
+#define RMS_ARGS p, g, v, m, b, n, c, ic, write_back
+#define RMS_PL(BODY, C0, K, CP, E, pl) \
+    if (pl) BODY(RMS_ARGS, C0, K, CP, E, 1); else BODY(RMS_ARGS, C0, K, CP, E, 0);
+#define RMS_E(BODY, C0, K, CP, e, pl) \
+    if (e) { RMS_PL(BODY, C0, K, CP, 1, pl) } else { RMS_PL(BODY, C0, K, CP, 0, pl) }
+#define RMS_CP(BODY, C0, K, cp, e, pl) \
+    if (cp) { RMS_E(BODY, C0, K, 1, e, pl) } else { RMS_E(BODY, C0, K, 0, e, pl) }
+#define RMS_K(BODY, C0, k, cp, e, pl)                                                          \
+    if (k == 0) { RMS_CP(BODY, C0, 0, cp, e, pl) } else if (k == 1) { RMS_CP(BODY, C0, 1, cp, e, pl) } \
+    else { RMS_CP(BODY, C0, 2, cp, e, pl) }
+#define RMS_EXPAND(BODY, c0, k, cp, e, pl) \
+    if (c0) { RMS_K(BODY, 1, k, cp, e, pl) } else { RMS_K(BODY, 0, k, cp, e, pl) }
 
 #define ID(x) (x)
 #define F16_LOAD(x) ((float)(x))
@@ -159,11 +171,16 @@ RMS_CLONES static void stream_f32(float *restrict p, const float *restrict g, fl
 }
 
 /* ------------------------------------------------------------------ work split across threads */
+/* Below this many elements per thread, starting a thread costs more than it saves. */
+#define RMS_MIN_PER_THREAD 32768
+/* Thread boundaries fall on multiples of this many elements: whole 64-byte lines at any dtype. */
+#define RMS_ALIGN 64
+
 typedef struct {
     const rms_tensor *tensors;
     const double *inv_corr;
     const rms_scalars *scalars;
-    int64_t n_tensors, begin, end; /* a range of the group's concatenated elements */
+    int64_t n_tensors, part, parts; /* this thread takes slice `part` of `parts` of every tensor */
     int variant, write_back; /* variant -1: the streaming bound (fp32 only) */
 } rms_job;
 
@@ -173,12 +190,13 @@ static size_t elem_size(int64_t code) { return (code & 0xff) == RMS_F64 ? 8 : (c
 
 static void *run_job(void *arg) {
     const rms_job *job = (const rms_job *)arg;
-    int64_t offset = 0; /* first element of tensor t in the concatenation */
-    for (int64_t t = 0; t < job->n_tensors && offset < job->end; t++) {
+    for (int64_t t = 0; t < job->n_tensors; t++) {
         const rms_tensor *x = &job->tensors[t];
-        int64_t lo = job->begin > offset ? job->begin - offset : 0;
-        int64_t hi = job->end - offset < x->numel ? job->end - offset : x->numel;
-        offset += x->numel;
+        /* this thread's share of tensor t: slice `part` of `parts`, on RMS_ALIGN boundaries */
+        int64_t per = (x->numel + job->parts - 1) / job->parts;
+        per = (per + RMS_ALIGN - 1) / RMS_ALIGN * RMS_ALIGN;
+        int64_t lo = job->part * per, hi = lo + per;
+        if (hi > x->numel) hi = x->numel;
         if (hi <= lo) continue;
         size_t sz = elem_size(x->dtype);
         void *p = AT(x->param, lo, sz), *g = AT(x->grad, lo, sz), *v = AT(x->square_avg, lo, sz);
@@ -199,37 +217,53 @@ static void *run_job(void *arg) {
     return NULL;
 }
 
-/* Below this many elements per thread, starting a thread costs more than it saves. */
-#define RMS_MIN_PER_THREAD 32768
-/* Thread boundaries fall on multiples of this many elements: whole 64-byte lines at any dtype. */
-#define RMS_ALIGN 64
 
 int rmsprop_abi_version(void) { return RMS_ABI_VERSION; }
 
-/* Split [0, total) into one contiguous range per thread (at least RMS_MIN_PER_THREAD elements
- * each, boundaries on RMS_ALIGN) and run them; the calling thread takes the first range. */
+/* GOMP_parallel(fn, data, num_threads, flags): the entry point GCC emits for `omp parallel`;
+ * LLVM's and Intel's OpenMP runtimes provide it too. */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+static _Atomic(gomp_parallel_fn) g_gomp_parallel = NULL;
+
+/* Use the OpenMP runtime whose GOMP_parallel this is (NULL: back to pthreads). */
+void rmsprop_use_openmp(void *gomp_parallel) { atomic_store(&g_gomp_parallel, (gomp_parallel_fn)gomp_parallel); }
+int rmsprop_uses_openmp(void) { return atomic_load(&g_gomp_parallel) != NULL; }
+
+typedef struct {
+    rms_job *jobs;
+    int n_jobs;
+    atomic_int next; /* jobs are claimed, so any team size runs each job exactly once */
+} rms_team;
+
+static void *team_worker(void *arg) {
+    rms_team *team = (rms_team *)arg;
+    int k;
+    while ((k = atomic_fetch_add(&team->next, 1)) < team->n_jobs) run_job(&team->jobs[k]);
+    return NULL;
+}
+static void team_worker_omp(void *arg) { team_worker(arg); }
+
+/* Run one slice of every tensor per thread; the calling thread works too. */
 static void run_parallel(const rms_tensor *tensors, int64_t n_tensors, int64_t total, const double *inv_corr,
                          const rms_scalars *c, int variant, int write_back, int num_threads) {
     int threads = num_threads > 64 ? 64 : num_threads;
     if ((int64_t)threads > total / RMS_MIN_PER_THREAD) threads = (int)(total / RMS_MIN_PER_THREAD);
     if (threads < 1) threads = 1;
     rms_job jobs[64];
-    pthread_t handles[64];
-    int64_t per = (total + threads - 1) / threads;
-    per = (per + RMS_ALIGN - 1) / RMS_ALIGN * RMS_ALIGN;
-    for (int k = 0; k < threads; k++) {
-        int64_t begin = (int64_t)k * per, end = begin + per;
-        jobs[k] = (rms_job){tensors, inv_corr, c, n_tensors, begin < total ? begin : total,
-                            end < total ? end : total, variant, write_back};
+    for (int k = 0; k < threads; k++) jobs[k] = (rms_job){tensors, inv_corr, c, n_tensors, k, threads, variant, write_back};
+    rms_team team = {jobs, threads, 0};
+    gomp_parallel_fn gomp = atomic_load(&g_gomp_parallel);
+    if (threads == 1) {
+        team_worker(&team);
+    } else if (gomp) {
+        gomp(team_worker_omp, &team, (unsigned)threads, 0);
+    } else {
+        pthread_t handles[64];
+        int started = 0;
+        for (int k = 1; k < threads && pthread_create(&handles[started], NULL, team_worker, &team) == 0; k++) started++;
+        team_worker(&team);
+        for (int k = 0; k < started; k++) pthread_join(handles[k], NULL);
     }
-    int started = 0;
-    for (int k = 1; k < threads; k++) {
-        if (pthread_create(&handles[k], NULL, run_job, &jobs[k]) != 0) break;
-        started = k;
-    }
-    run_job(&jobs[0]);
-    for (int k = started + 1; k < threads; k++) run_job(&jobs[k]); /* threads that failed to start */
-    for (int k = 1; k <= started; k++) pthread_join(handles[k], NULL);
 }
 
 /* Apply one step to every tensor of the table. Returns RMS_OK or a negative error code; on an
@@ -266,8 +300,7 @@ int rmsprop_step(const rms_tensor *tensors, int64_t n_tensors, const rms_rule *r
         .decay = (rule->decoupled_weight_decay && rule->weight_decay != 0) ? 1.0 - rule->lr * rule->weight_decay : 1.0,
         .alpha = rule->alpha,
         .one_minus_alpha = 1.0 - rule->alpha,
-        .eps_in = rule->eps_in_sqrt ? rule->eps : 0.0,
-        .eps_out = rule->eps_in_sqrt ? 0.0 : rule->eps,
+        .eps = rule->eps,
         .lr = rule->lr,
         .mu = rule->momentum,
         .k_buf = lr_in ? rule->lr : 1.0,
@@ -275,7 +308,10 @@ int rmsprop_step(const rms_tensor *tensors, int64_t n_tensors, const rms_rule *r
     };
     int coupled = !rule->decoupled_weight_decay && rule->weight_decay != 0;
     int mom_kind = rule->has_momentum ? (rule->nesterov ? 2 : 1) : 0;
-    int variant = (rule->centered ? 6 : 0) + mom_kind * 2 + coupled;
+    /* plain: no gradient scaling or sign flip, no decoupled decay, no bias correction, so the
+     * loop can skip those multiplications (each would be an exact x * 1 otherwise) */
+    int plain = !rule->grad_scale && !rule->maximize && c.decay == 1.0 && !rule->bias_correction;
+    int variant = plain | (rule->eps_in_sqrt ? 2 : 0) | (coupled ? 4 : 0) | ((rule->centered * 3 + mom_kind) << 3);
 
     run_parallel(tensors, n_tensors, total, inv_corr, &c, variant, rule->grad_scale != NULL, num_threads);
     free(inv_corr);

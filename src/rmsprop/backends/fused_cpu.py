@@ -16,6 +16,8 @@ import ctypes
 import importlib.util
 import operator
 from collections.abc import Sequence
+from itertools import repeat
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -30,6 +32,7 @@ NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.fl
 _COMPLEX_AS_REAL = {torch.complex64: 0, torch.complex128: 1}  # (re, im) pairs of f32 / f64
 _STEP_DTYPES = {torch.float32: 0, torch.float64: 1}
 _ABI_VERSION = 1
+_GRAD, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("dtype")
 _ERRORS = {-1: "unsupported dtype code", -2: "out of memory", -3: "bad thread count"}
 
 
@@ -68,7 +71,34 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"the native library {spec.origin} is a different version; reinstall the package"
     lib.rmsprop_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Rule), ctypes.c_int]
     lib.rmsprop_step.restype = ctypes.c_int
+    lib.rmsprop_stream_bound.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.rmsprop_stream_bound.restype = ctypes.c_int
+    lib.rmsprop_use_openmp.argtypes = [ctypes.c_void_p]
+    lib.rmsprop_use_openmp.restype = None
+    gomp_parallel = _torch_openmp_entry()
+    if gomp_parallel is not None:
+        lib.rmsprop_use_openmp(gomp_parallel)
     return lib, None
+
+
+def _torch_openmp_entry() -> int | None:
+    """Address of GOMP_parallel in the OpenMP runtime torch ships and uses, or None.
+
+    The kernel then runs on torch's own, already-warm thread pool instead of starting threads of
+    its own, so the two never compete for the cores. A runtime torch does not use (or none at
+    all) leaves the kernel on plain pthreads.
+    """
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for pattern in ("libgomp*.so*", "libiomp5*.so*", "libomp*.so*", "libomp*.dylib", "libiomp5*.dylib"):
+        for path in sorted(lib_dir.glob(pattern)):
+            try:
+                runtime = ctypes.CDLL(str(path))
+                return ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                continue
+    return None
 
 
 _LIB, _LOAD_ERROR = _load()
@@ -280,6 +310,27 @@ def rmsprop_fused(
         )
 
 
+def stream_bound(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor]):
+    """Benchmark only: a zero-argument callable that moves the bytes of a plain fp32 step (read
+    p, g, v; write p, v) over these float32 tensors with trivial arithmetic, split across threads
+    as the kernel splits them. The pointer table is built here, once, so calls time memory only."""
+    if _LIB is None:
+        raise RuntimeError(f"the native library is unavailable: {_LOAD_ERROR}")
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (*params, *grads, *square_avgs)):
+        raise ValueError("stream_bound takes contiguous float32 tensors")
+    steps = [torch.zeros((), dtype=torch.float32) for _ in params]
+    table = _table(params, grads, square_avgs, [], [], steps)
+    n, threads = len(params), torch.get_num_threads()
+
+    def stream() -> None:
+        status = _LIB.rmsprop_stream_bound(table.data_ptr(), n, threads)
+        if status != 0:
+            raise RuntimeError(f"stream bound failed: {_ERRORS.get(status, status)}")
+
+    stream.keep_alive = (table, steps, params, grads, square_avgs)  # type: ignore[attr-defined]
+    return stream
+
+
 class FusedPlan:
     """A whole group's fused step with its pointer table kept between steps.
 
@@ -296,8 +347,13 @@ class FusedPlan:
         self.state_dicts = tuple(state_dicts)
         self.square_avgs, self.grad_avgs = tuple(square_avgs), tuple(grad_avgs)
         self.momentum_buffers, self.steps = tuple(momentum_buffers), tuple(steps)
-        self.dtypes = tuple(p.dtype for p in params)
+        self.dtypes = [p.dtype for p in params]
         self.param_ptrs = [p.data_ptr() for p in params]
+        self.state_tensors = [("square_avg", self.square_avgs), ("step", self.steps)]
+        if self.grad_avgs:
+            self.state_tensors.append(("grad_avg", self.grad_avgs))
+        if self.momentum_buffers:
+            self.state_tensors.append(("momentum_buffer", self.momentum_buffers))
         grads = [p.grad for p in params]
         self.table = _table(params, grads, square_avgs, grad_avgs, momentum_buffers, steps).view(-1, 8)
 
@@ -318,33 +374,31 @@ class FusedPlan:
                 return None
         return cls(params, square_avgs, grad_avgs, momentum_buffers, steps, state_dicts)
 
+    # The checks run as map()/operator iterations: no Python bytecode per tensor, which matters
+    # with thousands of tensors whose objects the kernel's memory stream has evicted from cache.
     def _still_valid(self, group_params, state, grads) -> bool:
         if len(group_params) != len(self.params) or not all(map(operator.is_, group_params, self.params)):
             return False
-        if not all(
-            g is not None and g.dtype is d and g.layout is torch.strided and g.is_contiguous()
-            for g, d in zip(grads, self.dtypes, strict=True)
-        ):
+        if any(map(operator.is_, grads, repeat(None))):
+            return False
+        # grads are strided here (the optimizer refuses other layouts before any step); a dtype
+        # other than the parameter's could still arrive through .data and must not reach C
+        if list(map(_DTYPE, grads)) != self.dtypes or not all(map(Tensor.is_contiguous, grads)):
             return False
         if not all(map(operator.is_, map(state.get, self.params), self.state_dicts)):
             return False
-        checks = [(self.square_avgs, "square_avg"), (self.steps, "step")]
-        if self.grad_avgs:
-            checks.append((self.grad_avgs, "grad_avg"))
-        if self.momentum_buffers:
-            checks.append((self.momentum_buffers, "momentum_buffer"))
-        for tensors, key in checks:
-            if not all(sd.get(key) is t for sd, t in zip(self.state_dicts, tensors, strict=True)):
+        for key, tensors in self.state_tensors:
+            if not all(map(operator.is_, map(operator.itemgetter(key), self.state_dicts), tensors)):
                 return False
-        return [p.data_ptr() for p in self.params] == self.param_ptrs
+        return list(map(Tensor.data_ptr, self.params)) == self.param_ptrs
 
     def try_step(self, group_params, state, *, lr, rule: Rule, grad_scale=None, found_inf=None) -> bool:
         """Run the step if the plan still holds; return whether it ran."""
-        grads = [p.grad for p in self.params]
-        if not self._still_valid(group_params, state, grads):
-            return False
         if (rule.momentum > 0) != bool(self.momentum_buffers) or rule.centered != bool(self.grad_avgs):
             return False
-        self.table[:, 1] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+        grads = list(map(_GRAD, self.params))
+        if not self._still_valid(group_params, state, grads):
+            return False
+        self.table[:, 1] = torch.tensor(list(map(Tensor.data_ptr, grads)), dtype=torch.int64)
         _run(self.table, len(self.params), float(lr), rule, grad_scale, found_inf)
         return True

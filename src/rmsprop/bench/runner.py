@@ -1,0 +1,301 @@
+"""Benchmark harness behind `rmsprop bench`.
+
+For each configuration every implementation steps the same shapes with fresh tensors, one after
+another in this process, and reports its median step time. Throughput is reported three ways:
+steps/s, G elements/s, and GB/s of the memory traffic a step must cause (per element: p read and
+written, g read, v read and written, and m / b read and written when centered / with momentum),
+so an implementation that moves extra bytes shows a lower effective GB/s.
+
+The bound is the native streaming kernel (`rmsprop_stream_bound`): the bytes of a plain fp32 step
+over the same tensors, with the same thread split and arithmetic too cheap to matter, and no
+Python work per call (memory time only). For a
+configuration that moves other bytes (bf16, momentum, centered), the bound's time is those bytes
+at the measured streaming bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..backends import fused_cpu
+from ..optimizer import RMSprop
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: torch.dtype = torch.float32
+    options: dict = field(default_factory=dict)
+    compile_torch: bool = True  # torch.compile over thousands of tensors takes many minutes
+
+    @property
+    def elements(self) -> int:
+        return sum(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @property
+    def bytes_per_element(self) -> int:
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        streams = 5 + 2 * bool(self.options.get("momentum")) + 2 * bool(self.options.get("centered"))
+        return streams * size
+
+
+MOMENTUM_CENTERED = {"momentum": 0.9, "centered": True}
+CONFIGS: dict[str, Config] = {
+    c.name: c
+    for c in [
+        Config("10x1M fp32 plain", ((1_000_000,),) * 10),
+        Config("10x1M fp32 momentum+centered", ((1_000_000,),) * 10, options=MOMENTUM_CENTERED),
+        Config("2000x5k fp32 plain", ((5_000,),) * 2000, compile_torch=False),
+        Config("1x16M fp32 plain", ((16_000_000,),)),
+        Config("10x1M bf16 plain", ((1_000_000,),) * 10, dtype=torch.bfloat16),
+    ]
+}
+QUICK_CONFIGS: dict[str, Config] = {
+    "10x1M fp32 plain": CONFIGS["10x1M fp32 plain"],
+    "10x1M fp32 momentum+centered": CONFIGS["10x1M fp32 momentum+centered"],
+    "2000x5k fp32 plain": CONFIGS["2000x5k fp32 plain"],
+}
+
+Factory = Callable[[list[torch.Tensor], dict], torch.optim.Optimizer]
+IMPLEMENTATIONS: dict[str, Factory] = {
+    "rmsprop fused": lambda ps, o: RMSprop(ps, fused=True, **o),
+    "rmsprop foreach": lambda ps, o: RMSprop(ps, foreach=True, fused=False, **o),
+    "torch foreach": lambda ps, o: torch.optim.RMSprop(ps, foreach=True, **o),
+    "torch per-tensor": lambda ps, o: torch.optim.RMSprop(ps, foreach=False, **o),
+}
+BASELINE = "torch foreach"
+COMPILED = "torch.compile(torch)"
+BOUND = "bandwidth bound"
+
+
+def _tensors(config: Config, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in config.shapes:
+        p = torch.randn(shape, generator=gen).to(config.dtype).requires_grad_()
+        p.grad = torch.randn(shape, generator=gen).to(config.dtype)
+        params.append(p)
+    return params
+
+
+def _step_seconds(step: Callable[[], object], warmup: int, repeats: int, steps_per_repeat: int) -> float:
+    """Median seconds per step over the repeats: every row, the bound included, is measured alike."""
+    for _ in range(warmup):
+        step()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps_per_repeat):
+            step()
+        samples.append((time.perf_counter() - start) / steps_per_repeat)
+    return statistics.median(samples)
+
+
+def _measure(config: Config, name: str, quick: bool) -> dict:
+    warmup, repeats, per = (2, 3, 3) if quick else (3, 7, 5)
+    params = _tensors(config)
+    result: dict = {}
+    if name == BOUND:
+        fp32 = [p.detach().float() for p in params]
+        grads = [p.grad.float() for p in params]
+        avgs = [torch.ones_like(p) for p in fp32]
+        stream = fused_cpu.stream_bound(fp32, grads, avgs)
+        seconds = _step_seconds(stream, warmup, repeats, per)
+        stream_gbps = 20 * config.elements / seconds / 1e9
+        seconds = config.bytes_per_element * config.elements / (stream_gbps * 1e9)
+        result["stream_gb_per_s"] = stream_gbps
+    elif name == COMPILED:
+        opt = torch.optim.RMSprop(params, foreach=True, **config.options)
+        compiled = torch.compile(opt.step)
+        start = time.perf_counter()
+        compiled()
+        result["compile_s"] = time.perf_counter() - start
+        seconds = _step_seconds(compiled, warmup, repeats, per)
+    else:
+        opt = IMPLEMENTATIONS[name](params, dict(config.options))
+        seconds = _step_seconds(opt.step, warmup, repeats, per)
+    result.update(
+        step_ms=seconds * 1e3,
+        steps_per_s=1 / seconds,
+        gelem_per_s=config.elements / seconds / 1e9,
+        gb_per_s=config.bytes_per_element * config.elements / seconds / 1e9,
+    )
+    return result
+
+
+def first_step_costs(repeats: int = 3) -> dict:
+    """Seconds of the first step in a fresh process (10 x 1M fp32), fused vs foreach; medians."""
+    script = (
+        "import time, torch, rmsprop\n"
+        "ps=[torch.randn(1_000_000, requires_grad=True) for _ in range(10)]\n"
+        "for p in ps: p.grad=torch.randn_like(p)\n"
+        "opt=rmsprop.RMSprop(ps, **{kw})\n"
+        "t=time.perf_counter(); opt.step(); first=time.perf_counter()-t\n"
+        "t=time.perf_counter(); opt.step(); second=time.perf_counter()-t\n"
+        "print(first, second)\n"
+    )
+    out = {}
+    for label, kw in (("fused", "dict(fused=True)"), ("foreach", "dict(foreach=True, fused=False)")):
+        firsts, seconds = [], []
+        for _ in range(repeats):
+            text = subprocess.run(
+                [sys.executable, "-c", script.replace("{kw}", kw)], capture_output=True, text=True, check=True
+            ).stdout.split()
+            firsts.append(float(text[0]))
+            seconds.append(float(text[1]))
+        out[label] = {"first_step_s": statistics.median(firsts), "second_step_s": statistics.median(seconds)}
+    out["fused_first_minus_foreach_first_s"] = out["fused"]["first_step_s"] - out["foreach"]["first_step_s"]
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def run_bench(
+    *,
+    quick: bool = False,
+    configs: list[str] | None = None,
+    compile_torch: bool = True,
+    first_step: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the benchmark and return every number (see the module docstring)."""
+    if not fused_cpu.is_available():
+        raise RuntimeError(f"the fused kernel is unavailable: {fused_cpu.load_error()}")
+    chosen = QUICK_CONFIGS if quick and not configs else CONFIGS
+    names = configs or list(chosen)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown configurations {unknown}; choose from {list(CONFIGS)}")
+
+    results = {"machine": machine(), "quick": quick, "configs": []}
+    for name in names:
+        config = CONFIGS[name]
+        impls = [*IMPLEMENTATIONS]
+        if compile_torch and config.compile_torch and not quick:
+            impls.append(COMPILED)
+        impls.append(BOUND)
+        row = {
+            "name": name,
+            "elements": config.elements,
+            "bytes_per_element": config.bytes_per_element,
+            "results": {},
+        }
+        for impl in impls:
+            log(f"  {name}: {impl} ...")
+            row["results"][impl] = _measure(config, impl, quick)
+        base = row["results"][BASELINE]["step_ms"]
+        for r in row["results"].values():
+            r["speedup_vs_torch_foreach"] = base / r["step_ms"]
+        fused = row["results"]["rmsprop fused"]
+        row["fused_fraction_of_bound"] = row["results"][BOUND]["step_ms"] / fused["step_ms"]
+        results["configs"].append(row)
+        log(format_row(row))
+    if first_step:
+        log("  first step in a fresh process ...")
+        results["first_step"] = first_step_costs(repeats=1 if quick else 3)
+    return results
+
+
+def format_row(row: dict) -> str:
+    lines = [
+        f"\n{row['name']}  ({row['elements'] / 1e6:.1f}M elements, {row['bytes_per_element']} B/element)"
+    ]
+    lines.append(
+        f"  {'implementation':<24}{'ms/step':>9}{'steps/s':>9}{'Gelem/s':>9}{'GB/s':>8}{'vs torch foreach':>18}"
+    )
+    for impl, r in row["results"].items():
+        extra = f"  (compile {r['compile_s']:.1f} s)" if "compile_s" in r else ""
+        lines.append(
+            f"  {impl:<24}{r['step_ms']:>9.2f}{r['steps_per_s']:>9.1f}{r['gelem_per_s']:>9.2f}"
+            f"{r['gb_per_s']:>8.1f}{r['speedup_vs_torch_foreach']:>17.2f}x{extra}"
+        )
+    lines.append(f"  fused reaches {100 * row['fused_fraction_of_bound']:.0f}% of the bandwidth bound")
+    return "\n".join(lines)
+
+
+def markdown_table(results: dict) -> str:
+    """The README's table: one row per configuration, speedups against torch foreach."""
+    impls = [
+        i for i in [*IMPLEMENTATIONS, COMPILED, BOUND] if any(i in c["results"] for c in results["configs"])
+    ]
+    head = "| configuration | " + " | ".join(impls) + " | fused / bound |"
+    sep = "|---" * (len(impls) + 2) + "|"
+    rows = [head, sep]
+    for c in results["configs"]:
+        cells = []
+        for i in impls:
+            r = c["results"].get(i)
+            cells.append(
+                "—" if r is None else f"{r['step_ms']:.1f} ms ({r['speedup_vs_torch_foreach']:.2f}x)"
+            )
+        rows.append(
+            f"| {c['name']} | " + " | ".join(cells) + f" | {100 * c['fused_fraction_of_bound']:.0f}% |"
+        )
+    return "\n".join(rows)
+
+
+def save(results: dict, out: Path, plot: bool) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "bench.json", out / "bench.md"]
+    written[0].write_text(json.dumps(results, indent=2))
+    written[1].write_text(markdown_table(results) + "\n")
+    if plot:
+        written.append(_plot(results, out / "bench.png"))
+    return written
+
+
+def _plot(results: dict, path: Path) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'rmsprop[report]'") from exc
+    configs = results["configs"]
+    impls = [i for i in [*IMPLEMENTATIONS, COMPILED, BOUND] if any(i in c["results"] for c in configs)]
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    width = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
+        xs = [j + (k - (len(impls) - 1) / 2) * width for j in range(len(configs))]
+        ys = [c["results"].get(impl, {}).get("gb_per_s", 0.0) for c in configs]
+        ax.bar(xs, ys, width, label=impl)
+    ax.set_xticks(range(len(configs)), [c["name"] for c in configs], rotation=12)
+    ax.set_ylabel("effective memory traffic, GB/s (higher is better)")
+    m = results["machine"]
+    ax.set_title(f"RMSprop step throughput — {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["CONFIGS", "IMPLEMENTATIONS", "run_bench", "save", "markdown_table", "first_step_costs"]

@@ -1,0 +1,37 @@
+"""The bench harness runs and reports what it promises. Never timings: those are for the script."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from rmsprop.bench import runner
+
+
+def test_bench_reports_every_implementation_and_the_bound(tmp_path, monkeypatch):
+    tiny = runner.Config("tiny fp32", ((1000,), (37,)), options={"momentum": 0.9, "centered": True})
+    monkeypatch.setattr(runner, "CONFIGS", {tiny.name: tiny})
+    results = runner.run_bench(
+        configs=[tiny.name], compile_torch=False, first_step=False, quick=True, log=lambda s: None
+    )
+    (row,) = results["configs"]
+    assert set(row["results"]) == {*runner.IMPLEMENTATIONS, runner.BOUND}
+    assert row["bytes_per_element"] == 36  # p, v r+w; g r; m, b r+w; fp32
+    assert row["results"][runner.BASELINE]["speedup_vs_torch_foreach"] == 1.0
+    for r in row["results"].values():
+        assert r["step_ms"] > 0 and abs(r["gb_per_s"] - 36 * row["elements"] / r["step_ms"] / 1e6) < 1e-6
+    paths = runner.save(results, tmp_path, plot=False)
+    assert json.loads(paths[0].read_text())["machine"]["torch"] == torch.__version__
+    assert "| tiny fp32 |" in paths[1].read_text()
+
+
+def test_stream_bound_moves_the_bytes_it_claims():
+    """The bound's kernel really reads g and writes p and v (so it cannot be optimised away)."""
+    from rmsprop.backends import fused_cpu
+
+    p, g, v = torch.zeros(100_000), torch.ones(100_000), torch.zeros(100_000)
+    stream = fused_cpu.stream_bound([p], [g], [v])
+    stream()
+    stream()
+    assert torch.equal(p, torch.full_like(p, -2.0)) and torch.equal(v, torch.full_like(v, 2.0))
