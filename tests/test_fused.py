@@ -32,6 +32,19 @@ def test_native_kernel_is_built_and_loaded():
     assert fused_cpu.is_available(), fused_cpu.load_error()
 
 
+def test_fp16_is_fused_only_on_request(monkeypatch):
+    calls = []
+    original = fused_cpu._run
+    monkeypatch.setattr(fused_cpu, "_run", lambda *a, **k: (calls.append(a[1]), original(*a, **k)))
+    params = [torch.randn(10, dtype=torch.float16, requires_grad=True), torch.randn(10, requires_grad=True)]
+    grads = make_grads(params, 2)
+    run(lambda p: rmsprop.RMSprop(p), params, grads)
+    assert calls == [1, 1]  # default: the fp32 tensor fused, the fp16 one to foreach
+    calls.clear()
+    run(lambda p: rmsprop.RMSprop(p, fused=True), params, grads)
+    assert calls == [2, 2]
+
+
 def test_default_on_cpu_is_the_fused_kernel(monkeypatch):
     calls = []
     original = fused_cpu._run
@@ -329,3 +342,46 @@ def test_torch_compile_with_the_fused_op():
         step()
     for a, b in zip(eager, compiled, strict=True):
         assert torch.equal(a, b)  # the same kernel runs inside the opaque op
+
+
+def test_fp16_conversions_match_torch_exhaustively():
+    """The kernel's integer fp16 <-> fp32 conversions: every half loads exactly, and every
+    rounding decision (each half, each midpoint between neighbours, and the floats next to
+    them, both signs, inf, NaN, overflow) stores as torch's round-to-nearest-even does."""
+    import ctypes
+
+    lib = fused_cpu._LIB
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    loaded = torch.empty(halves.numel(), dtype=torch.float32)
+    lib.rmsprop_f16_to_f32(
+        ctypes.c_void_p(halves.data_ptr()), ctypes.c_void_p(loaded.data_ptr()), ctypes.c_int64(halves.numel())
+    )
+    expected = halves.float()
+    assert torch.equal(loaded.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(loaded[finite].view(torch.int32), expected[finite].view(torch.int32))
+
+    values = halves[~halves.isnan()].double().unique().sort().values
+    cand = torch.cat([values, (values[1:] + values[:-1]) / 2]).float()
+    cand = torch.cat([cand, torch.nextafter(cand, cand + 1), torch.nextafter(cand, cand - 1)])
+    extremes = [
+        float("inf"),
+        -float("inf"),
+        float("nan"),
+        65504.0,
+        65519.99,
+        65520.0,
+        1e9,
+        2.9802322e-08,
+        0.0,
+        -0.0,
+    ]
+    cand = torch.cat([cand, torch.tensor(extremes)]).contiguous()
+    stored = torch.empty(cand.numel(), dtype=torch.float16)
+    lib.rmsprop_f32_to_f16(
+        ctypes.c_void_p(cand.data_ptr()), ctypes.c_void_p(stored.data_ptr()), ctypes.c_int64(cand.numel())
+    )
+    want = cand.half()
+    assert torch.equal(stored.isnan(), want.isnan())
+    keep = ~want.isnan()
+    assert torch.equal(stored[keep].view(torch.int16), want[keep].view(torch.int16))

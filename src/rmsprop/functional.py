@@ -6,8 +6,8 @@ here and nowhere else.
 Choice, per group:
 - ``fused=True``: the fused CPU kernel for every tensor, or a RuntimeError saying why not.
 - ``fused=None`` with ``foreach=None`` (the default): the fused kernel for the tensors it supports
-  (CPU, float32/64, bfloat16, float16, complex; dense), foreach for the rest. If the native
-  library is missing, foreach, with one warning naming the cause.
+  (CPU, float32/64, bfloat16, complex; dense), foreach for the rest (float16 too: foreach is
+  faster there). If the native library is missing, foreach, with one warning naming the cause.
 - ``fused=False`` or an explicit ``foreach``: the torch-op paths, bit-identical to torch
   (``foreach=True``: multi-tensor; ``False``: per-tensor; ``None``: what torch would pick).
 """
@@ -65,8 +65,8 @@ def _run_torch_ops(
         backend(*lists, **kwargs)
 
 
-def _split(lists: tuple[list[Tensor], ...]) -> tuple[list[int], list[int]]:
-    """Indices of the tensors the fused kernel supports, and of the others."""
+def _split(lists: tuple[list[Tensor], ...], by_default: bool) -> tuple[list[int], list[int]]:
+    """Indices of the tensors the fused kernel takes, and of the others."""
     params, grads, square_avgs, grad_avgs, momentum_buffers, _ = lists
     fused, other = [], []
     for i, (p, g, v) in enumerate(zip(params, grads, square_avgs, strict=True)):
@@ -75,7 +75,7 @@ def _split(lists: tuple[list[Tensor], ...]) -> tuple[list[int], list[int]]:
             states.append(grad_avgs[i])
         if momentum_buffers:
             states.append(momentum_buffers[i])
-        (fused if fused_cpu.eligible(p, g, states) else other).append(i)
+        (fused if fused_cpu.eligible(p, g, states, by_default=by_default) else other).append(i)
     return fused, other
 
 
@@ -126,7 +126,7 @@ def rmsprop(
         _run_torch_ops(backend, lists, grad_scale, found_inf, has_complex=has_complex, **kwargs)
         return False
 
-    fused_indices, other_indices = _split(lists)
+    fused_indices, other_indices = _split(lists, by_default=fused is None)
     if fused and other_indices:
         p = params[other_indices[0]]
         raise RuntimeError(

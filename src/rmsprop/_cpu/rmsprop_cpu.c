@@ -77,6 +77,54 @@ RMS_INLINE uint16_t bf16_store(float f) { /* round to nearest even; NaN stays Na
     return (uint16_t)(nan ? ((u >> 16) | 0x40u) : rounded);
 }
 
+/* IEEE binary16 <-> binary32 with integer operations only, so the loops vectorise (GCC 12 turns
+ * _Float16 conversions into a library call per element). */
+RMS_INLINE float f16_load(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu;
+    /* normal halves: rebias the exponent 15 -> 127, an integer operation */
+    uint32_t normal = (em + (112u << 10)) << 13;
+    /* subnormal halves (and zero) are em * 2^-24: an exact int -> float conversion and a
+     * multiplication whose operands and result are normal floats. (Scaling the shifted bits by
+     * 2^112 instead would put subnormal floats through the FPU, which x86 runs in microcode.) */
+    float sub = (float)(int32_t)em * 0x1p-24f;
+    uint32_t sub_bits;
+    memcpy(&sub_bits, &sub, sizeof sub_bits);
+    uint32_t u = em < 0x400u ? sub_bits : normal;
+    u = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : u; /* inf and NaN keep their payload */
+    u |= sign;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+RMS_INLINE uint16_t f16_store(float f) { /* round to nearest even */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    /* normal: drop 13 mantissa bits with round-half-even, rebias 127 -> 15 (a carry into the
+     * exponent is the correct result, up to infinity) */
+    uint32_t normal = ((a + 0xfffu + ((a >> 13) & 1u)) >> 13) - (112u << 10);
+    /* below 2^-14 the half is subnormal, in units of 2^-24: adding 0.5f (whose ulp is 2^-24)
+     * makes the FPU round |f| to a multiple of 2^-24, left in the sum's low mantissa bits */
+    float fa;
+    memcpy(&fa, &a, sizeof fa);
+    float sum = fa + 0.5f;
+    uint32_t sum_bits;
+    memcpy(&sum_bits, &sum, sizeof sum_bits);
+    uint32_t subnormal = sum_bits - 0x3f000000u;
+    uint32_t h = a < 0x38800000u ? subnormal : normal;
+    h = a >= 0x477ff000u ? 0x7c00u : h;                   /* rounds past 65504: infinity */
+    h = a > 0x7f800000u ? (0x7e00u | ((a >> 13) & 0x3ffu)) : h; /* NaN stays NaN (quiet) */
+    return (uint16_t)(h | sign);
+}
+
+/* Test hooks: the conversions above, over arrays. */
+void rmsprop_f16_to_f32(const uint16_t *in, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = f16_load(in[i]);
+}
+void rmsprop_f32_to_f16(const float *in, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = f16_store(in[i]);
+}
+
 /* Scalars of one call, in the math type. */
 typedef struct {
     double inv_scale, sign, wd, decay, alpha, one_minus_alpha, eps, lr, mu, k_buf, k_par;
@@ -153,12 +201,10 @@ typedef struct {
     if (c0) { RMS_K(BODY, 1, k, cp, e, pl) } else { RMS_K(BODY, 0, k, cp, e, pl) }
 
 #define ID(x) (x)
-#define F16_LOAD(x) ((float)(x))
-#define F16_STORE(x) ((_Float16)(x))
 DEFINE_LOOP(loop_f32, float, float, sqrtf, ID, ID)
 DEFINE_LOOP(loop_f64, double, double, sqrt, ID, ID)
 DEFINE_LOOP(loop_bf16, uint16_t, float, sqrtf, bf16_load, bf16_store)
-DEFINE_LOOP(loop_f16, _Float16, float, sqrtf, F16_LOAD, F16_STORE)
+DEFINE_LOOP(loop_f16, uint16_t, float, sqrtf, f16_load, f16_store)
 
 /* The memory-traffic bound for benchmarks: the same bytes as a plain fp32 step (read p, g, v;
  * write p, v) with arithmetic too cheap to matter. */
