@@ -58,6 +58,47 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .experiments import report
+    from .experiments.runner import run_compare, to_json
+
+    try:
+        from tqdm import tqdm
+    except ImportError as exc:
+        raise SystemExit("rmsprop compare needs the report extra: pip install 'rmsprop[report]'") from exc
+
+    def progress(iterable, total):
+        return tqdm(iterable, total=total, desc="training runs", unit="run", smoothing=0.05)
+
+    start = time.perf_counter()
+    results = run_compare(
+        quick=args.quick,
+        tasks=args.tasks,
+        optimizers=args.optimizers,
+        seeds=args.seeds,
+        seed=args.seed,
+        workers=args.workers,
+        progress=progress,
+    )
+    results["setup"]["seconds"] = round(time.perf_counter() - start, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(to_json(results))
+    paths = report.write(results, out)
+    width = max(len(c["claim"]) for c in results["claims"]) if results["claims"] else 0
+    print(f"\n{'claim':<{width}}  verdict")
+    for c in results["claims"]:
+        print(f"{c['claim']:<{width}}  {c['verdict']}")
+    print(
+        f"\n{len(results['tasks'])} tasks in {results['setup']['seconds']} s; wrote {out / 'results.json'}, "
+        + ", ".join(str(p) for p in paths[:2])
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .presets import PRESETS
@@ -96,6 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-first-step", action="store_true", help="skip the fresh-process first-step timing"
     )
     bench.set_defaults(run=_bench)
+
+    from .experiments.optimizers import OPTIMIZERS
+    from .experiments.tasks import TASKS
+
+    compare = sub.add_parser("compare", help="test RMSProp's claims with real training runs; write a report")
+    compare.add_argument(
+        "--quick", action="store_true", help="small sizes, 3 learning rates, 2 seeds (< 90 s)"
+    )
+    compare.add_argument(
+        "--tasks", nargs="+", choices=list(TASKS), metavar="NAME", help=f"from {list(TASKS)}"
+    )
+    compare.add_argument(
+        "--optimizers", nargs="+", choices=list(OPTIMIZERS), metavar="NAME", help=f"from {list(OPTIMIZERS)}"
+    )
+    compare.add_argument(
+        "--seeds", type=_positive_int, default=None, help="seeds per setting (default 2 quick, 3 full)"
+    )
+    compare.add_argument("--seed", type=int, default=0, help="first seed")
+    compare.add_argument(
+        "--workers", type=_positive_int, default=None, help="worker processes (default: up to 2)"
+    )
+    compare.add_argument(
+        "--out", required=True, help="folder for results.json, report.md, report.html and the plots"
+    )
+    compare.set_defaults(run=_compare)
     return parser
 
 

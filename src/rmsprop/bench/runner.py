@@ -117,6 +117,7 @@ def _measure(config: Config, name: str, quick: bool) -> dict:
         seconds = config.bytes_per_element * config.elements / (stream_gbps * 1e9)
         result["stream_gb_per_s"] = stream_gbps
     elif name == COMPILED:
+        _cold_compile_caches()
         opt = torch.optim.RMSprop(params, foreach=True, **config.options)
         compiled = torch.compile(opt.step)
         start = time.perf_counter()
@@ -133,6 +134,19 @@ def _measure(config: Config, name: str, quick: bool) -> dict:
         gb_per_s=config.bytes_per_element * config.elements / seconds / 1e9,
     )
     return result
+
+
+def _cold_compile_caches() -> None:
+    """Make the next torch.compile start cold: no in-memory graphs, no on-disk kernels from an
+    earlier run (Inductor's cache would otherwise turn a ~10 s compile into ~1 s)."""
+    import tempfile
+
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rmsprop-bench-inductor-")
+    inductor_config.fx_graph_cache = False
 
 
 def first_step_costs(repeats: int = 3) -> dict:

@@ -1,0 +1,50 @@
+"""The optimizers `rmsprop compare` puts side by side, and their effective per-parameter lr."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..optimizer import RMSprop
+from ..presets import from_preset
+
+Factory = Callable[[list[torch.Tensor], float], torch.optim.Optimizer]
+
+OPTIMIZERS: dict[str, Factory] = {
+    "SGD": lambda ps, lr: torch.optim.SGD(ps, lr=lr),
+    "SGD+momentum": lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9),
+    "Adagrad": lambda ps, lr: torch.optim.Adagrad(ps, lr=lr),
+    "Adam": lambda ps, lr: torch.optim.Adam(ps, lr=lr),
+    "RMSprop (torch)": lambda ps, lr: from_preset("torch", ps, lr=lr),
+    "RMSprop (seed)": lambda ps, lr: from_preset("seed", ps, lr=lr),
+    "RMSprop centered": lambda ps, lr: RMSprop(ps, lr=lr, centered=True),
+    "RMSprop momentum": lambda ps, lr: RMSprop(ps, lr=lr, momentum=0.9),
+}
+# The plain RMSProp the claims are about: the better of torch's and the seed document's form.
+PLAIN_RMSPROP = ("RMSprop (torch)", "RMSprop (seed)")
+
+
+def effective_lr(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> torch.Tensor:
+    """Per-element step size lr / denominator each optimizer applies to the gradient now
+    (momentum aside): lr for SGD, lr / (sqrt(sum g^2) + eps) for Adagrad, lr / (sqrt(v) + eps)
+    or lr / sqrt(v + eps) for RMSProp, lr / (sqrt(v / (1 - beta2^t)) + eps) for Adam."""
+    out = []
+    for group in opt.param_groups:
+        lr = float(group["lr"])
+        for p in group["params"]:
+            if p not in params:
+                continue
+            state = opt.state.get(p, {})
+            if isinstance(opt, torch.optim.Adagrad) and "sum" in state:
+                d = state["sum"].sqrt() + group["eps"]
+            elif isinstance(opt, torch.optim.Adam) and "exp_avg_sq" in state:
+                beta2 = group["betas"][1]
+                d = (state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))).sqrt() + group["eps"]
+            elif isinstance(opt, RMSprop) and "square_avg" in state:
+                v = state["square_avg"]
+                d = (v + group["eps"]).sqrt() if group["eps_in_sqrt"] else v.sqrt() + group["eps"]
+            else:
+                d = torch.ones_like(p)
+            out.append((lr / d).flatten())
+    return torch.cat(out) if out else torch.zeros(0)
