@@ -14,5 +14,5 @@ if [ "${1:-}" = "test" ]; then
   # (the tests load timm/optim's files directly), so it is installed without dependencies.
   pip install -q --no-deps -c scripts/constraints.txt timm
 else
-  pip install -q -c scripts/constraints.txt "torch==2.13.0" -e .
+  pip install -q -c scripts/constraints.txt "torch==2.13.0" -e ".[report]"
 fi

@@ -65,6 +65,31 @@ def _run_torch_ops(
         backend(*lists, **kwargs)
 
 
+def _local_shards(lists: tuple[list[Tensor], ...]) -> tuple[list[Tensor], ...]:
+    """The lists with each DTensor parameter (and its gradient and state) replaced by the local
+    shards, when all of them share one mesh and placement: elementwise math on matching shards
+    is the math on the whole. Others are left as they are (and go to foreach)."""
+    params = lists[0]
+    if all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params):
+        return lists
+    from torch.distributed.tensor import DTensor
+
+    out = tuple(list(lst) for lst in lists)
+    per_param = [lst for lst in out[1:5] if lst]  # grads and state (not the step counters)
+    for i, p in enumerate(params):
+        if not isinstance(p, DTensor):
+            continue
+        group = [p] + [lst[i] for lst in per_param]
+        if all(
+            isinstance(t, DTensor) and t.placements == p.placements and t.device_mesh == p.device_mesh
+            for t in group
+        ):
+            out[0][i] = p.to_local()
+            for lst in per_param:
+                lst[i] = lst[i].to_local()
+    return out
+
+
 def _split(lists: tuple[list[Tensor], ...], by_default: bool) -> tuple[list[int], list[int]]:
     """Indices of the tensors the fused kernel takes, and of the others."""
     params, grads, square_avgs, grad_avgs, momentum_buffers, _ = lists
@@ -126,7 +151,8 @@ def rmsprop(
         _run_torch_ops(backend, lists, grad_scale, found_inf, has_complex=has_complex, **kwargs)
         return False
 
-    fused_indices, other_indices = _split(lists, by_default=fused is None)
+    local = _local_shards(lists)
+    fused_indices, other_indices = _split(local, by_default=fused is None)
     if fused and other_indices:
         p = params[other_indices[0]]
         raise RuntimeError(
@@ -136,7 +162,7 @@ def rmsprop(
             "Use fused=None to route such tensors to foreach."
         )
     if fused_indices:
-        fused_lists = lists if not other_indices else _subset(lists, fused_indices)
+        fused_lists = local if not other_indices else _subset(local, fused_indices)
         fused_cpu.rmsprop_fused(*fused_lists, grad_scale=grad_scale, found_inf=found_inf, **kwargs)
     if other_indices:
         rest = _subset(lists, other_indices)
@@ -178,6 +204,8 @@ class StepCache:
         self._plans.pop(id(group), None)
         if len(params) != len(group["params"]):
             return  # some parameters had no gradient: their set may change, keep it general
+        if any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in params):
+            return  # DTensors and other subclasses: unwrapped afresh each step on the general path
         plan = fused_cpu.FusedPlan.build(*lists, state_dicts=[state[p] for p in params])
         if plan is not None:
             self._plans[id(group)] = (group, _dispatch_flags(group), plan)

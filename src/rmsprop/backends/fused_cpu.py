@@ -114,6 +114,12 @@ def load_error() -> str | None:
     return _LOAD_ERROR
 
 
+# Plain tensors only: a subclass (DTensor, a tensor wrapper) can report the shape and numel of
+# a whole of which its memory holds only a part, and the kernel trusts numel. DTensors are
+# unwrapped to their local shards before they get here (see functional.py).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _same_layout(t: Tensor, p: Tensor, contiguous: bool) -> bool:
     # Gradients and state always have the parameter's device and shape (torch checks .grad on
     # assignment; load_state_dict checks shapes), so dtype and dense layout are what can differ.
@@ -131,6 +137,8 @@ _SLOWER_THAN_FOREACH = {torch.float16}
 def eligible(param: Tensor, grad: Tensor, states: Sequence[Tensor], *, by_default: bool = False) -> bool:
     """Whether the kernel can update this parameter (see the module docstring); ``by_default``:
     whether fused=None should pick it (not for dtypes where foreach is faster)."""
+    if type(param) not in _PLAIN or type(grad) not in _PLAIN or any(type(s) not in _PLAIN for s in states):
+        return False
     if not param.is_cpu or (param.dtype not in NATIVE_DTYPES and param.dtype not in _COMPLEX_AS_REAL):
         return False
     if by_default and param.dtype in _SLOWER_THAN_FOREACH:

@@ -1,0 +1,154 @@
+"""Worker functions for tests/test_distributed.py, spawned as real gloo process groups on the
+CPU (loopback only). Each writes its results under ``out`` for the parent test to check."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import rmsprop
+from rmsprop.backends import fused_cpu
+
+CONFIGS = {
+    "plain": {},
+    "momentum+centered": {"momentum": 0.9, "centered": True},
+    "eps_in_sqrt+nesterov+wd": {"eps_in_sqrt": True, "nesterov": True, "momentum": 0.9, "weight_decay": 0.01},
+}
+STEPS = 4
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def batches(steps: int, start: int = 0):
+    """The same data on every rank, so distributed training must equal single-process training."""
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 8, generator=g), torch.randn(32, 4, generator=g)) for _ in range(start + steps)]
+    return data[start:]
+
+
+def train(model, opt, steps: int, start: int = 0) -> None:
+    for x, y in batches(steps, start):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def _count_kernel_calls() -> list[int]:
+    calls = []
+    original = fused_cpu._run
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    fused_cpu._run = counting
+    return calls
+
+
+def _shard(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    calls = _count_kernel_calls()
+    results = {}
+    for name, kw in CONFIGS.items():
+        model = _shard(make_model())
+        opt = rmsprop.RMSprop(model.parameters(), **kw)
+        train(model, opt, STEPS)
+        results[name] = [p.full_tensor() for p in model.parameters()]
+        results[name + ":local-numel"] = sum(p.to_local().numel() for p in model.parameters())
+    results["kernel_calls"] = len(calls)
+    if rank == 0:
+        torch.save(results, Path(out) / "fsdp.pt")
+    dist.destroy_process_group()
+
+
+def ddp_zero_worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    _init(rank, world, port)
+    results = {}
+    for name, kw in CONFIGS.items():
+        model = DistributedDataParallel(make_model())
+        opt = rmsprop.RMSprop(model.parameters(), **kw)
+        train(model, opt, STEPS)
+        results["ddp:" + name] = [p.detach().clone() for p in model.parameters()]
+
+        model = make_model()
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=rmsprop.RMSprop, **kw)
+        train(model, zero, STEPS)
+        zero.consolidate_state_dict(to=0)
+        results["zero:" + name] = [p.detach().clone() for p in model.parameters()]
+        if rank == 0:
+            results["zero-state:" + name] = zero.state_dict()
+    if rank == 0:
+        torch.save(results, Path(out) / "ddp_zero.pt")
+    dist.destroy_process_group()
+
+
+def dcp_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Train, checkpoint with torch.distributed.checkpoint, train on; then a fresh model and
+    optimizer load the checkpoint and train the same steps: both must end identical."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _init(rank, world, port)
+    kw = CONFIGS["momentum+centered"]
+    model = _shard(make_model())
+    opt = rmsprop.RMSprop(model.parameters(), **kw)
+    train(model, opt, 3)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(out) / "ckpt"))
+    train(model, opt, 3, start=3)
+    uninterrupted = [p.full_tensor() for p in model.parameters()]
+
+    fresh = _shard(make_model())
+    fresh_opt = rmsprop.RMSprop(fresh.parameters(), lr=123.0, **kw)  # lr comes from the checkpoint
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(Path(out) / "ckpt"))
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(fresh, fresh_opt, 3, start=3)
+    resumed = [p.full_tensor() for p in fresh.parameters()]
+    if rank == 0:
+        torch.save({"uninterrupted": uninterrupted, "resumed": resumed}, Path(out) / "dcp.pt")
+    dist.destroy_process_group()
+
+
+def reshard_worker(rank: int, world: int, port: int, out: str) -> None:
+    """World size 1 loads the checkpoint written by two ranks and trains on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _init(rank, world, port)
+    kw = CONFIGS["momentum+centered"]
+    model = make_model()  # not sharded at all
+    opt = rmsprop.RMSprop(model.parameters(), **kw)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(Path(out) / "ckpt"))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, opt, 3, start=3)
+    torch.save([p.detach().clone() for p in model.parameters()], Path(out) / "reshard.pt")
+    dist.destroy_process_group()
