@@ -34,6 +34,17 @@ _STEP_DTYPES = {torch.float32: 0, torch.float64: 1}
 _ABI_VERSION = 1
 _GRAD, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("dtype")
 _ERRORS = {-1: "unsupported dtype code", -2: "out of memory", -3: "bad thread count"}
+# The boolean switches of a Rule, in the order of the C struct rms_rule (and of the custom op's
+# `flags` argument).
+_RULE_FLAGS = (
+    "centered",
+    "maximize",
+    "eps_in_sqrt",
+    "nesterov",
+    "decoupled_weight_decay",
+    "lr_in_momentum",
+    "bias_correction",
+)
 
 
 class _Rule(ctypes.Structure):
@@ -210,19 +221,14 @@ def _run(table: Tensor, n_tensors: int, lr: float, rule: Rule, grad_scale, found
         raise RuntimeError(f"fused RMSprop is unavailable: {_LOAD_ERROR}")
     scale_ptr, scale_keep = _scalar_pointer(grad_scale, "grad_scale")
     inf_ptr, inf_keep = _scalar_pointer(found_inf, "found_inf")
+    flags = [getattr(rule, name) for name in _RULE_FLAGS]
     native_rule = _Rule(
         lr,
         rule.alpha,
         rule.eps,
         rule.weight_decay,
         rule.momentum,
-        rule.centered,
-        rule.maximize,
-        rule.eps_in_sqrt,
-        rule.nesterov,
-        rule.decoupled_weight_decay,
-        rule.lr_in_momentum,
-        rule.bias_correction,
+        *flags,
         rule.momentum > 0,
         scale_ptr,
         inf_ptr,
@@ -256,7 +262,13 @@ def _fused_step_op(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    rule = Rule(alpha, eps, weight_decay, momentum, *flags)
+    rule = Rule(
+        alpha=alpha,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        **dict(zip(_RULE_FLAGS, flags, strict=True)),
+    )
     _call_kernel(
         params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, rule, grad_scale, found_inf
     )
@@ -308,15 +320,7 @@ def rmsprop_fused(
         return
     lr = float(lr)
     if torch.compiler.is_compiling():
-        flags = [
-            rule.centered,
-            rule.maximize,
-            rule.eps_in_sqrt,
-            rule.nesterov,
-            rule.decoupled_weight_decay,
-            rule.lr_in_momentum,
-            rule.bias_correction,
-        ]
+        flags = [getattr(rule, name) for name in _RULE_FLAGS]
         _fused_step_op(
             params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr,
             rule.alpha, rule.eps, rule.weight_decay, rule.momentum, flags, grad_scale, found_inf,
