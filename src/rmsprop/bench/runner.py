@@ -1,7 +1,8 @@
 """Benchmark harness behind `rmsprop bench`.
 
-For each configuration every implementation steps the same shapes with fresh tensors, one after
-another in this process, and reports its median step time. Throughput is reported three ways:
+For each configuration every implementation steps the same shapes with its own fresh tensors,
+all in this process and interleaved round-robin (see _measure_side_by_side), and reports its
+median step time. Throughput is reported three ways:
 steps/s, G elements/s, and GB/s of the memory traffic a step must cause (per element: p read and
 written, g read, v read and written, and m / b read and written when centered / with momentum),
 so an implementation that moves extra bytes shows a lower effective GB/s.
@@ -90,50 +91,58 @@ def _tensors(config: Config, seed: int = 0) -> list[torch.Tensor]:
     return params
 
 
-def _step_seconds(step: Callable[[], object], warmup: int, repeats: int, steps_per_repeat: int) -> float:
-    """Median seconds per step over the repeats: every row, the bound included, is measured alike."""
-    for _ in range(warmup):
-        step()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps_per_repeat):
-            step()
-        samples.append((time.perf_counter() - start) / steps_per_repeat)
-    return statistics.median(samples)
-
-
-def _measure(config: Config, name: str, quick: bool) -> dict:
-    warmup, repeats, per = (2, 3, 3) if quick else (3, 7, 5)
+def _prepare(config: Config, name: str) -> tuple[Callable[[], object], dict]:
+    """The zero-argument step of one implementation on fresh tensors, and what was measured
+    while preparing it (torch.compile's time)."""
     params = _tensors(config)
-    result: dict = {}
+    extra: dict = {}
     if name == BOUND:
         fp32 = [p.detach().float() for p in params]
         grads = [p.grad.float() for p in params]
         avgs = [torch.ones_like(p) for p in fp32]
-        stream = fused_cpu.stream_bound(fp32, grads, avgs)
-        seconds = _step_seconds(stream, warmup, repeats, per)
-        stream_gbps = 20 * config.elements / seconds / 1e9
-        seconds = config.bytes_per_element * config.elements / (stream_gbps * 1e9)
-        result["stream_gb_per_s"] = stream_gbps
-    elif name == COMPILED:
+        return fused_cpu.stream_bound(fp32, grads, avgs), extra
+    if name == COMPILED:
         _cold_compile_caches()
         opt = torch.optim.RMSprop(params, foreach=True, **config.options)
-        compiled = torch.compile(opt.step)
+        step = torch.compile(opt.step)
         start = time.perf_counter()
-        compiled()
-        result["compile_s"] = time.perf_counter() - start
-        seconds = _step_seconds(compiled, warmup, repeats, per)
-    else:
-        opt = IMPLEMENTATIONS[name](params, dict(config.options))
-        seconds = _step_seconds(opt.step, warmup, repeats, per)
-    result.update(
-        step_ms=seconds * 1e3,
-        steps_per_s=1 / seconds,
-        gelem_per_s=config.elements / seconds / 1e9,
-        gb_per_s=config.bytes_per_element * config.elements / seconds / 1e9,
-    )
-    return result
+        step()
+        extra["compile_s"] = time.perf_counter() - start
+        return step, extra
+    return IMPLEMENTATIONS[name](params, dict(config.options)).step, extra
+
+
+def _measure_side_by_side(config: Config, names: list[str], quick: bool) -> dict[str, dict]:
+    """Median seconds per step of every implementation, measured round-robin: each repeat times
+    every implementation once, in turn, so a machine whose speed drifts (a shared VM) slows them
+    all alike instead of whichever happened to run during the slow minute."""
+    warmup, repeats, per = (2, 3, 3) if quick else (3, 9, 5)
+    steps, extras = {}, {}
+    for name in names:
+        steps[name], extras[name] = _prepare(config, name)
+        for _ in range(warmup):
+            steps[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            start = time.perf_counter()
+            for _ in range(per):
+                steps[name]()
+            samples[name].append((time.perf_counter() - start) / per)
+    out = {}
+    for name in names:
+        seconds = statistics.median(samples[name])
+        if name == BOUND:  # stream GB/s, then the time this config's bytes take at that speed
+            extras[name]["stream_gb_per_s"] = 20 * config.elements / seconds / 1e9
+            seconds = config.bytes_per_element * config.elements / (extras[name]["stream_gb_per_s"] * 1e9)
+        out[name] = {
+            **extras[name],
+            "step_ms": seconds * 1e3,
+            "steps_per_s": 1 / seconds,
+            "gelem_per_s": config.elements / seconds / 1e9,
+            "gb_per_s": config.bytes_per_element * config.elements / seconds / 1e9,
+        }
+    return out
 
 
 def _cold_compile_caches() -> None:
@@ -219,11 +228,9 @@ def run_bench(
             "name": name,
             "elements": config.elements,
             "bytes_per_element": config.bytes_per_element,
-            "results": {},
         }
-        for impl in impls:
-            log(f"  {name}: {impl} ...")
-            row["results"][impl] = _measure(config, impl, quick)
+        log(f"  {name}: {', '.join(impls)} ...")
+        row["results"] = _measure_side_by_side(config, impls, quick)
         base = row["results"][BASELINE]["step_ms"]
         for r in row["results"].values():
             r["speedup_vs_torch_foreach"] = base / r["step_ms"]
