@@ -54,17 +54,6 @@ class Rule:
         """The rule a param group describes (every field of Rule is a key of the group)."""
         return cls(**{f.name: group[f.name] for f in fields(cls)})
 
-    @property
-    def is_torch(self) -> bool:
-        """True when no extension is on, so the update is exactly torch.optim.RMSprop's."""
-        return not (
-            self.eps_in_sqrt
-            or self.nesterov
-            or self.bias_correction
-            or (self.decoupled_weight_decay and self.weight_decay != 0)
-            or (self.lr_in_momentum and self.momentum > 0)
-        )
-
 
 def _is_bad(value: Any) -> bool:
     """True for a negative number or NaN (including 1-element tensors)."""
