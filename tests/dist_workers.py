@@ -4,6 +4,7 @@ CPU (loopback only). Each writes its results under ``out`` for the parent test t
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -40,9 +41,22 @@ def train(model, opt, steps: int, start: int = 0) -> None:
 
 
 def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # loopback only: gloo would otherwise pick the interface of the machine's hostname
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+
+
+def _finish() -> None:
+    """Both ranks finish every collective, tear the group down, and leave without running the
+    interpreter's shutdown: under CPU contention C++ destructors at exit occasionally raced the
+    backend's threads and aborted a worker ('terminate called without an active exception')
+    after its results were already written. Everything the parent needs is on disk by now."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _count_kernel_calls() -> list[int]:
@@ -80,7 +94,7 @@ def fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     results["kernel_calls"] = len(calls)
     if rank == 0:
         torch.save(results, Path(out) / "fsdp.pt")
-    dist.destroy_process_group()
+    _finish()
 
 
 def ddp_zero_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -104,7 +118,7 @@ def ddp_zero_worker(rank: int, world: int, port: int, out: str) -> None:
             results["zero-state:" + name] = zero.state_dict()
     if rank == 0:
         torch.save(results, Path(out) / "ddp_zero.pt")
-    dist.destroy_process_group()
+    _finish()
 
 
 def dcp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -133,7 +147,7 @@ def dcp_worker(rank: int, world: int, port: int, out: str) -> None:
     resumed = [p.full_tensor() for p in fresh.parameters()]
     if rank == 0:
         torch.save({"uninterrupted": uninterrupted, "resumed": resumed}, Path(out) / "dcp.pt")
-    dist.destroy_process_group()
+    _finish()
 
 
 def reshard_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -151,4 +165,4 @@ def reshard_worker(rank: int, world: int, port: int, out: str) -> None:
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train(model, opt, 3, start=3)
     torch.save([p.detach().clone() for p in model.parameters()], Path(out) / "reshard.pt")
-    dist.destroy_process_group()
+    _finish()

@@ -139,6 +139,17 @@ def test_non_contiguous_params_go_to_foreach_and_stay_correct():
         run(lambda p: rmsprop.RMSprop(p, fused=True), params, grads)
 
 
+def test_fused_true_refusal_happens_before_any_group_steps():
+    ok = torch.randn(4, requires_grad=True)
+    view = torch.randn(5, 6).t().detach().requires_grad_()
+    opt = rmsprop.RMSprop([{"params": [ok]}, {"params": [view], "fused": True}])
+    ok.grad, view.grad = torch.ones(4), torch.ones(6, 5)
+    before = ok.detach().clone()
+    with pytest.raises(RuntimeError, match="contiguous: False.*nothing was updated"):
+        opt.step()
+    assert torch.equal(ok, before) and len(opt.state) == 0
+
+
 def test_channels_last_params_are_fused():
     p = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
     grads = [[torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)] for _ in range(3)]

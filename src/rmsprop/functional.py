@@ -26,7 +26,7 @@ from .backends.foreach import rmsprop_foreach
 from .backends.single import rmsprop_single
 from .rule import Rule
 
-__all__ = ["rmsprop", "StepCache"]
+__all__ = ["rmsprop", "StepCache", "fused_refusal"]
 
 Backend = Callable[..., None]
 _warned_unavailable = False
@@ -104,6 +104,26 @@ def _split(lists: tuple[list[Tensor], ...], by_default: bool) -> tuple[list[int]
     return fused, other
 
 
+def fused_refusal(params: list[Tensor], grads: list[Tensor]) -> str | None:
+    """Why ``fused=True`` cannot step these parameters, or None; checked before any update.
+
+    State tensors are not needed here: they are created like their parameter, and
+    load_state_dict gives loaded ones the parameter's dtype and shape.
+    """
+    if not fused_cpu.is_available():
+        return f"fused=True: the fused CPU kernel is unavailable: {fused_cpu.load_error()}"
+    local_params, local_grads = _local_shards((params, grads, [], [], [], []))[:2]
+    for p, lp, lg in zip(params, local_params, local_grads, strict=True):
+        if not fused_cpu.eligible(lp, lg, []):
+            return (
+                "fused=True supports dense CPU tensors of dtype float32, float64, bfloat16, float16 "
+                "or complex whose gradient and state share the parameter's dtype and layout; got a "
+                f"parameter of type {type(p).__name__}, dtype {p.dtype} on {p.device} "
+                f"(contiguous: {p.is_contiguous()}). Use fused=None to route such tensors to foreach."
+            )
+    return None
+
+
 def _subset(lists: tuple[list[Tensor], ...], indices: list[int]) -> tuple[list[Tensor], ...]:
     return tuple([lst[i] for i in indices] if lst else [] for lst in lists)
 
@@ -153,14 +173,9 @@ def rmsprop(
 
     local = _local_shards(lists)
     fused_indices, other_indices = _split(local, by_default=fused is None)
-    if fused and other_indices:
-        p = params[other_indices[0]]
-        raise RuntimeError(
-            "fused=True supports dense CPU tensors of dtype float32, float64, bfloat16, float16 or "
-            "complex whose gradient and state share the parameter's dtype and layout; got a "
-            f"parameter of dtype {p.dtype} on {p.device} (contiguous: {p.is_contiguous()}). "
-            "Use fused=None to route such tensors to foreach."
-        )
+    if fused and other_indices:  # the optimizer checks this before any group is touched
+        i = other_indices[0]
+        raise RuntimeError(fused_refusal([params[i]], [grads[i]]) or "fused=True: unsupported state tensors")
     if fused_indices:
         fused_lists = local if not other_indices else _subset(local, fused_indices)
         fused_cpu.rmsprop_fused(*fused_lists, grad_scale=grad_scale, found_inf=found_inf, **kwargs)

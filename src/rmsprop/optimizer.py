@@ -16,7 +16,7 @@ from torch.optim.optimizer import (
     _use_grad_for_differentiable,
 )
 
-from .functional import StepCache, rmsprop
+from .functional import StepCache, fused_refusal, rmsprop
 from .rule import Rule, validate_hyperparameters
 
 __all__ = ["RMSprop"]
@@ -203,6 +203,11 @@ class RMSprop(Optimizer):
                     "RMSprop does not support sparse gradients "
                     f"(a parameter of shape {tuple(bad.shape)} has a {bad.layout} .grad); nothing was updated"
                 )
+            if group["fused"]:
+                with_grad = [p for p in group["params"] if p.grad is not None]
+                reason = fused_refusal(with_grad, [p.grad for p in with_grad])
+                if reason is not None:
+                    raise RuntimeError(f"{reason}; nothing was updated")
             if group["capturable"] and not torch.compiler.is_compiling():
                 devices = _get_capturable_supported_devices()
                 bad = next((p.device.type for p in group["params"] if p.device.type not in devices), None)
