@@ -204,14 +204,13 @@ class StepCache:
     def clear(self) -> None:
         self._plans.clear()
 
-    def try_step(self, group: dict, state: dict, *, rule: Rule, grad_scale=None, found_inf=None) -> bool:
-        """Run the group's cached fused step if it still applies; return whether it ran."""
+    def prepare(self, group: dict, state: dict, rule: Rule) -> Callable[..., None] | None:
+        """The group's cached fused step, validated now, if it still applies (see
+        FusedPlan.prepare); call it with (lr, grad_scale, found_inf)."""
         entry = self._plans.get(id(group))
         if entry is None or entry[0] is not group or entry[1] != _dispatch_flags(group):
-            return False
-        return entry[2].try_step(
-            group["params"], state, lr=group["lr"], rule=rule, grad_scale=grad_scale, found_inf=found_inf
-        )
+            return None
+        return entry[2].prepare(group["params"], state, rule)
 
     def remember(self, group: dict, state: dict, lists: tuple[list[Tensor], ...]) -> None:
         """After a step in which the fused kernel did the whole group, keep a plan for it."""

@@ -190,11 +190,14 @@ class RMSprop(Optimizer):
 
     # ------------------------------------------------------------------ validation before mutation
 
-    def _check_step_inputs(self) -> None:
+    def _check_step_inputs(self) -> dict[int, Any]:
         """Raise before any tensor is touched, so a bad step leaves every group unchanged.
 
-        Afterwards every gradient is a strided (dense) tensor; the backends rely on it.
+        Afterwards every gradient is a strided (dense) tensor; the backends rely on it. Returns,
+        by group id, the cached fused steps validated on the way (their plans prove everything
+        the fused=True refusal would check, so that check is skipped for them).
         """
+        ready: dict[int, Any] = {}
         for group in self.param_groups:
             grads = [g for g in map(_GRAD, group["params"]) if g is not None]
             if not all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided))):
@@ -203,11 +206,6 @@ class RMSprop(Optimizer):
                     "RMSprop does not support sparse gradients "
                     f"(a parameter of shape {tuple(bad.shape)} has a {bad.layout} .grad); nothing was updated"
                 )
-            if group["fused"]:
-                with_grad = [p for p in group["params"] if p.grad is not None]
-                reason = fused_refusal(with_grad, [p.grad for p in with_grad])
-                if reason is not None:
-                    raise RuntimeError(f"{reason}; nothing was updated")
             if group["capturable"] and not torch.compiler.is_compiling():
                 devices = _get_capturable_supported_devices()
                 bad = next((p.device.type for p in group["params"] if p.device.type not in devices), None)
@@ -216,6 +214,15 @@ class RMSprop(Optimizer):
                         f"capturable=True requires parameters on a capturable device ({devices}), "
                         f"got {bad}; nothing was updated"
                     )
+            run = self._step_cache.prepare(group, self.state, Rule.from_group(group))
+            if run is not None:
+                ready[id(group)] = run
+            elif group["fused"]:
+                with_grad = [p for p in group["params"] if p.grad is not None]
+                reason = fused_refusal(with_grad, [p.grad for p in with_grad])
+                if reason is not None:
+                    raise RuntimeError(f"{reason}; nothing was updated")
+        return ready
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, after checking every state tensor against its parameter.
@@ -317,15 +324,15 @@ class RMSprop(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        self._check_step_inputs()
+        ready = self._check_step_inputs()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
-            rule = Rule.from_group(group)
-            if self._step_cache.try_step(
-                group, self.state, rule=rule, grad_scale=grad_scale, found_inf=found_inf
-            ):
+            cached_step = ready.get(id(group))
+            if cached_step is not None:
+                cached_step(group["lr"], grad_scale, found_inf)
                 continue
+            rule = Rule.from_group(group)
             params: list[Tensor] = []
             grads: list[Tensor] = []
             square_avgs: list[Tensor] = []

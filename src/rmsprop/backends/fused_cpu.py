@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from pathlib import Path
 
@@ -413,13 +413,20 @@ class FusedPlan:
                 return False
         return list(map(Tensor.data_ptr, self.params)) == self.param_ptrs
 
-    def try_step(self, group_params, state, *, lr, rule: Rule, grad_scale=None, found_inf=None) -> bool:
-        """Run the step if the plan still holds; return whether it ran."""
+    def prepare(self, group_params, state, rule: Rule) -> Callable[..., None] | None:
+        """If the plan still holds, the step to run (taking lr, grad_scale, found_inf); else None.
+
+        Validation and running are apart so that the optimizer can validate every group before
+        it updates any: a plan that still holds also proves the kernel takes every tensor.
+        """
         if (rule.momentum > 0) != bool(self.momentum_buffers) or rule.centered != bool(self.grad_avgs):
-            return False
+            return None
         grads = list(map(_GRAD, self.params))
         if not self._still_valid(group_params, state, grads):
-            return False
-        self.table[:, 1] = torch.tensor(list(map(Tensor.data_ptr, grads)), dtype=torch.int64)
-        _run(self.table, len(self.params), float(lr), rule, grad_scale, found_inf)
-        return True
+            return None
+
+        def run(lr, grad_scale=None, found_inf=None) -> None:
+            self.table[:, 1] = torch.tensor(list(map(Tensor.data_ptr, grads)), dtype=torch.int64)
+            _run(self.table, len(self.params), float(lr), rule, grad_scale, found_inf)
+
+        return run
