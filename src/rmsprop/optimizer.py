@@ -153,9 +153,13 @@ class RMSprop(Optimizer):
         super().__init__(params, defaults)
         self._step_cache = StepCache()
 
-    # Every path honours GradScaler's grad_scale / found_inf (the fused one unscales inside its
-    # single pass), so GradScaler may hand them to step() instead of unscaling itself.
-    _step_supports_amp_scaling = True
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
+        """GradScaler hands ``grad_scale`` / ``found_inf`` to step() instead of unscaling the
+        gradients itself only where the step consumes them: as torch sets the flag only for
+        ``fused=True``. Elsewhere GradScaler unscales as usual, so gradient clipping after
+        ``scaler.unscale_`` (Lightning's ``gradient_clip_val`` under mixed precision) works."""
+        return any(group.get("fused") is True for group in getattr(self, "param_groups", ()))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch's, but the group's own hyperparameters are validated before it is added."""
