@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach, _get_capturable_supported_devices
 
-from .backends import fused_cpu
+from .backends import fused_cpu, fused_triton
 from .backends.foreach import rmsprop_foreach
 from .backends.fused_cpu import FusedCache
 from .backends.single import rmsprop_single
@@ -248,6 +248,10 @@ def prepare(
     if not params:
         return _nothing
     kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
+    if (fused is True or (fused is None and foreach is None and not differentiable)) and fused_triton.takes(
+        params[0]
+    ):
+        return _triton_path(lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf, cache)
     wants_fused = fused is True or (
         fused is None and foreach is None and not differentiable and not capturable
     )
@@ -293,11 +297,83 @@ def prepare(
     return torch_path(lists, _torch_op_backend(params, foreach, differentiable))
 
 
+# ----------------------------------------------------------------------------- the Triton kernel
+def _triton_path(lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf, cache):
+    """A call whose first parameter is on a device the Triton kernel steps (CUDA): the kernel
+    for what it takes (capturable included), torch's path for the rest (in a group that mixes
+    devices, the other devices' tensors too); with ``fused=True`` a clear error instead, before
+    anything is written. Without triton, torch's paths, silently: they are torch's own default."""
+    params = lists[0]
+    kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
+
+    def torch_path(chosen: Lists, backend: Backend | None = None) -> Callable[[], None]:
+        chosen_complex = any(torch.is_complex(p) for p in chosen[0])
+        backend = backend or _torch_op_backend(chosen[0], foreach, differentiable)
+        return _torch_step(chosen, backend, grad_scale, found_inf, has_complex=chosen_complex, **kwargs)
+
+    if not fused_triton.is_available():
+        if fused:
+            raise RuntimeError(
+                f"fused=True: the Triton kernel for {params[0].device.type} tensors is unavailable: "
+                f"{fused_triton.load_error()}"
+            )
+        return torch_path(lists)
+    return fused_triton.prepare(
+        _local_shards(lists),
+        lr=lr,
+        rule=rule,
+        capturable=capturable,
+        required=bool(fused),
+        cache=cache,
+        torch_path=lambda indices: torch_path(_subset(lists, indices)),
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def _compiled_triton(lists, lr, rule, fused, differentiable, capturable, grad_scale, found_inf):
+    """Under torch.compile, for a call whose first parameter is on a Triton device: the
+    kernel's share (decided from what dynamo guards on) through the custom op
+    ``rmsprop::triton_step``, the rest through foreach."""
+    params = lists[0]
+    per_param = [lst for lst in lists[1:5] if lst]
+    chosen, rest = [], []
+    for i, p in enumerate(params):
+        ok = fused_triton.compile_eligible(p, [lst[i] for lst in per_param]) and (
+            lists[5][i].device == p.device or lists[5][i].is_cpu
+        )
+        (chosen if ok else rest).append(i)
+    if fused is True and rest:
+        raise RuntimeError(f"fused=True: parameter {rest[0]} cannot be stepped by the Triton kernel")
+    kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
+    rest_lists = lists if not chosen else _subset(lists, rest)
+    has_complex = any(torch.is_complex(params[i]) for i in rest)
+
+    def run() -> None:
+        if chosen:
+            kernel_lists = lists if not rest else _subset(lists, chosen)
+            fused_triton.compiled_step(kernel_lists, lr=lr, rule=rule, grad_scale=grad_scale, found_inf=found_inf)
+        if rest:
+            if found_inf is not None or grad_scale is not None:
+                _torch_step(rest_lists, rmsprop_foreach, grad_scale, found_inf, has_complex=has_complex, **kwargs)()
+            else:
+                rmsprop_foreach(*rest_lists, has_complex=has_complex, **kwargs)
+
+    return run
+
+
 def _compiled(lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf):
     """Under torch.compile: plain, traceable code. The kernel's share is decided from what dynamo
     guards on (device, dtype, contiguity) and goes through the custom op, whose implementation
     validates everything again at run time; the rest takes torch's op paths."""
     params = lists[0]
+    if (
+        params
+        and (fused is True or (fused is None and foreach is None and not differentiable))
+        and fused_triton.takes(params[0])
+        and fused_triton.available_under_compile()
+    ):
+        return _compiled_triton(lists, lr, rule, fused, differentiable, capturable, grad_scale, found_inf)
     kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
     # dynamo traces every optimizer with capturable=True (its note "torch.compile x capturable"),
     # which means nothing to a CPU kernel: only the user's own choices decide here

@@ -162,7 +162,9 @@ class RMSprop(Optimizer):
         parameter; a buffer an option switched on later starts at zero)."""
         state = dict(state)
         if "step" not in state:
-            device = p.device if group["capturable"] else None
+            # on the parameter's device with capturable, as torch; and with fused=True, as torch's
+            # fused optimizers (the CUDA kernel then counts steps without the host)
+            device = p.device if group["capturable"] or group["fused"] is True else None
             state["step"] = torch.zeros((), dtype=_get_scalar_dtype(), device=device)
         if "square_avg" not in state:
             sq = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -58,13 +58,18 @@ class Entry:
 
 
 class FusedCache:
-    """The fused backend's memory across steps; opaque to whoever holds it."""
+    """The fused backend's memory across steps; opaque to whoever holds it. ``others`` holds
+    the other fused backends' caches by name (the Triton backend's: ``"triton"``), so that the
+    caller carries one object, cleared as one."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, int], Entry] = {}
+        self.others: dict[str, object] = {}
 
     def clear(self) -> None:
         self._entries.clear()
+        for other in self.others.values():
+            other.clear()  # type: ignore[attr-defined]
 
     def lookup(self, persisted: tuple[Sequence[Tensor], ...]) -> Entry | None:
         params = persisted[0]
