@@ -603,6 +603,33 @@ def test_triton_moved_gradients_are_followed_without_a_rebuild(monkeypatch):
     assert builds == [2, 2] and sorted(c[4] for c in calls[-2:]) == [False, True]
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["triton-read", "triton-unscaled-in-place"])
+def test_triton_a_gradient_that_starts_aliasing_in_a_steady_loop_is_caught(monkeypatch, scaled):
+    """After steady steps, a gradient moved onto memory the step writes (another parameter), or
+    with GradScaler (gradients written) onto another gradient: fused=True refuses before
+    anything is written; nothing slips through the cached tables."""
+    params = params_on([torch.randn(64), torch.randn(64), torch.randn(64)])
+    opt = rmsprop.RMSprop(params, fused=True, momentum=0.9)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    if scaled:
+        opt.grad_scale = torch.tensor(2.0, device=DEVICE)
+        opt.found_inf = torch.tensor(0.0, device=DEVICE)
+        shared = torch.randn(64, device=DEVICE)
+        params[1].grad, params[2].grad = shared, shared
+    else:
+        params[2].grad = params[0].detach()  # reads what the same step writes
+    before = [p.detach().clone() for p in params], [opt.state[p]["momentum_buffer"].clone() for p in params]
+    with pytest.raises(RuntimeError, match="shares memory.*nothing was updated"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before[0], params, strict=True))
+    assert all(
+        torch.equal(a, opt.state[p]["momentum_buffer"]) for a, p in zip(before[1], params, strict=True)
+    )
+
+
 def test_triton_cache_does_not_travel_with_copies():
     import copy
     import pickle

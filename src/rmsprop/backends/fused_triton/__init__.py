@@ -84,34 +84,6 @@ def _on(t: Tensor | None, device: torch.device, dtypes=(torch.float32,)) -> Tens
     return t
 
 
-def _grads_still_valid(lists: Lists6, entry: plan.Entry, grads_written: bool, keep: list | None) -> bool:
-    """This step's gradients pass every check the cached entry relies on (and the launches now
-    point at them); False sends the step through a full rebuild."""
-    records = entry.kernel_records if entry.kernel_records is not None else range(len(lists[0]))
-    records = list(records)
-    if plan.grads_problems(lists, entry, records, grads_written):
-        return False
-    grads = lists[1]
-    moved = [
-        launch
-        for launch in entry.launches
-        if [grads[i].data_ptr() for i in launch.indices] != launch.grad_ptrs
-    ]
-    if moved:
-        moved_records = [i for launch in moved for i in launch.indices]
-        if not all(plan._in_storage(grads[i]) for i in moved_records):
-            return False
-        if grads_written and not torch.is_inference_mode_enabled():
-            if any(grads[i].is_inference() for i in moved_records):
-                return False
-        if plan.overlapping_records(lists, records, grads_written):
-            return False
-        for launch in moved:
-            if not plan.refresh_grads(launch, grads, keep):
-                return False
-    return True
-
-
 def prepare(
     lists: Lists6,
     *,
@@ -140,7 +112,7 @@ def prepare(
     if entry is not None and (
         entry.grad_caused
         or not entry.unchanged(persisted)
-        or not _grads_still_valid(lists, entry, grads_written, keep)
+        or not plan.follow_grads(lists, entry, grads_written, keep)
     ):
         entry = None
     if entry is None:

@@ -161,6 +161,12 @@ class Entry:
         self.excluded: dict[int, tuple[int, str]] = {}  # record -> (which tensor, reason)
         self.grad_caused = False  # an exclusion came from a gradient (it may differ next step)
         self.kernel_records: list[int] | None = None  # None: all of them
+        # for following moved gradients without a rebuild (see follow_grads)
+        self.grad_ptrs: list[int] = []  # the kernel records' gradients, as the launches have them
+        self.grad_bytes = np.empty(0, dtype=np.int64)  # each kernel record's bytes
+        self.element_bytes = np.empty(0, dtype=np.int64)
+        self.written_starts = np.empty(0, dtype=np.int64)  # sorted, disjoint: validated so
+        self.written_ends = np.empty(0, dtype=np.int64)
 
     def matches(self, persisted: tuple[Sequence[Tensor], ...]) -> bool:
         """True when ``persisted`` holds exactly these tensor objects, list by list."""
@@ -277,8 +283,10 @@ def step_mode(p: Tensor, step: Tensor) -> int | None:
     return 0 if step.is_cpu else None
 
 
-def _spans(lists: Lists6, records: list[int], grads_written: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Start, end, written flag and record of every nonempty span of memory the step touches."""
+def _spans(lists: Lists6, records: Sequence[int], grads_written: bool) -> tuple[np.ndarray, ...]:
+    """Start, end, written flag and record of every nonempty span of memory the step touches.
+    (numpy, not torch, for these small host-side arrays: torch's CPU ops wake its thread pool,
+    which costs milliseconds on a loaded machine.)"""
     starts, ends, written, owners = array("q"), array("q"), array("b"), array("q")
     for i in records:
         for which, lst in enumerate(lists):
@@ -288,44 +296,45 @@ def _spans(lists: Lists6, records: list[int], grads_written: bool) -> tuple[Tens
             n = t.numel()
             if n == 0:
                 continue
-            s = t.data_ptr()
-            starts.append(s)
-            ends.append(s + n * t.element_size())
+            begin = t.data_ptr()
+            starts.append(begin)
+            ends.append(begin + n * t.element_size())
             written.append(which != 1 or grads_written)
             owners.append(i)
     return (
-        torch.frombuffer(starts, dtype=torch.int64).clone() if starts else torch.empty(0, dtype=torch.int64),
-        torch.frombuffer(ends, dtype=torch.int64).clone() if ends else torch.empty(0, dtype=torch.int64),
-        torch.frombuffer(written, dtype=torch.int8).clone().bool()
-        if written
-        else torch.empty(0, dtype=torch.bool),
-        torch.frombuffer(owners, dtype=torch.int64).clone() if owners else torch.empty(0, dtype=torch.int64),
+        np.array(starts, dtype=np.int64),
+        np.array(ends, dtype=np.int64),
+        np.array(written, dtype=bool),
+        np.array(owners, dtype=np.int64),
     )
 
 
-def overlapping_records(lists: Lists6, records: list[int], grads_written: bool) -> set[int]:
+def _holders(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each position: the furthest end among the spans before it (-1 for the first) and
+    the position holding it."""
+    reach = np.maximum.accumulate(ends)
+    before = np.concatenate(([-1], reach[:-1]))
+    new_max = np.where(ends >= before, np.arange(len(ends)), 0)
+    holder = np.maximum.accumulate(new_max)
+    return before, np.concatenate(([0], holder[:-1]))
+
+
+def overlapping_records(lists: Lists6, records: Sequence[int], grads_written: bool) -> set[int]:
     """The records whose memory a written tensor shares with another tensor of the step: spans
     sorted by start; a written span starting before the furthest end of the spans before it,
     or any span starting before the furthest end of the written spans before it, overlaps —
-    and both it and the record holding that furthest end are marked (as the CPU kernel does).
-    Vectorised: a few torch ops whatever the number of tensors."""
+    and both it and the record holding that furthest end are marked (as the CPU kernel does)."""
     starts, ends, written, owners = _spans(lists, records, grads_written)
-    if starts.numel() < 2:
+    if len(starts) < 2:
         return set()
-    order = torch.argsort(starts, stable=True)
+    order = np.argsort(starts, kind="stable")
     starts, ends, written, owners = starts[order], ends[order], written[order], owners[order]
-    minus_one = torch.tensor([-1], dtype=torch.int64)
-    reach_any, holder_any = torch.cummax(ends, 0)
-    w_ends = torch.where(written, ends, torch.full_like(ends, -1))
-    reach_w, holder_w = torch.cummax(w_ends, 0)
-    before_any = torch.cat([minus_one, reach_any[:-1]])
-    before_w = torch.cat([minus_one, reach_w[:-1]])
+    before_any, holder_any = _holders(ends)
+    before_w, holder_w = _holders(np.where(written, ends, -1))
     clash_any = written & (starts < before_any)
     clash_w = ~written & (starts < before_w)
-    if not bool((clash_any | clash_w).any()):
+    if not (clash_any | clash_w).any():
         return set()
-    holder_any = torch.cat([minus_one, holder_any[:-1]])
-    holder_w = torch.cat([minus_one, holder_w[:-1]])
     marked = set(owners[clash_any | clash_w].tolist())
     marked |= set(owners[holder_any[clash_any]].tolist()) | set(owners[holder_w[clash_w]].tolist())
     return marked
@@ -477,19 +486,72 @@ def build_entry(
         launch = Launch(device, p_kind, s_kind, mode, aligned, indices)
         build_launch(launch, lists, keep)
         entry.launches.append(launch)
+    entry.grad_ptrs = [grads[i].data_ptr() for i in chosen]
+    entry.element_bytes = np.array([params[i].element_size() for i in chosen], dtype=np.int64)
+    entry.grad_bytes = np.array([params[i].numel() for i in chosen], dtype=np.int64) * entry.element_bytes
+    starts, ends, _, _ = _spans((params, [], square_avgs, grad_avgs, bufs, steps), chosen, False)
+    order = np.argsort(starts)
+    entry.written_starts, entry.written_ends = starts[order], ends[order]
     return entry, refused
 
 
-def refresh_grads(launch: Launch, grads: list[Tensor], keep: list | None) -> bool:
-    """Point the launch at this step's gradients; False when an aligned launch meets a
-    gradient that is not (the caller rebuilds)."""
-    ptrs = [grads[i].data_ptr() for i in launch.indices]
-    if ptrs == launch.grad_ptrs:
-        return True
-    if launch.aligned and any(a % 16 for a in ptrs):
+def follow_grads(lists: Lists6, entry: Entry, grads_written: bool, keep: list | None) -> bool:
+    """Point the cached launches at this step's gradients after checking them as a rebuild
+    would: every per-step check of grads_problems, then — only if they moved — that they lie in
+    their storage, are aligned where the launch assumes it, and share no memory with anything
+    the step writes (vectorised: the written spans are sorted and disjoint, so a binary search
+    per gradient finds any overlap). False: the caller rebuilds from scratch."""
+    grads = lists[1]
+    every = entry.kernel_records is None
+    records = range(len(grads)) if every else entry.kernel_records
+    if grads_problems(lists, entry, list(records), grads_written):
         return False
-    launch.grad_ptrs = ptrs
-    launch.grads = upload(_column(ptrs, torch.int64), launch.device, keep)
+    sub = grads if every else [grads[i] for i in records]
+    ptrs = list(map(Tensor.data_ptr, sub))
+    if ptrs == entry.grad_ptrs:
+        return True
+    starts = np.array(ptrs, dtype=np.int64)
+    ends = starts + entry.grad_bytes
+    nonempty = entry.grad_bytes > 0
+    storage_bytes = np.fromiter(
+        map(torch.UntypedStorage.nbytes, map(Tensor.untyped_storage, sub)), np.int64, len(sub)
+    )
+    offsets = np.fromiter(map(Tensor.storage_offset, sub), np.int64, len(sub))
+    # same layout as their dense parameters: each spans exactly its numel elements
+    if (
+        (offsets * entry.element_bytes + entry.grad_bytes > storage_bytes) | ((starts == 0) & nonempty)
+    ).any():
+        return False
+    if grads_written and not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, sub)):
+        return False
+    if len(entry.written_starts):
+        last = np.searchsorted(entry.written_starts, ends, side="left") - 1
+        hit = (last >= 0) & (entry.written_ends[np.maximum(last, 0)] > starts) & nonempty
+        if hit.any():
+            return False
+    if grads_written and len(ptrs) > 1:  # unscaled in place: gradients must not share memory either
+        s, e = starts[nonempty], ends[nonempty]
+        order = np.argsort(s)
+        s, e = s[order], e[order]
+        if len(s) > 1 and (s[1:] < np.maximum.accumulate(e)[:-1]).any():
+            return False
+    misaligned = starts % 16 != 0
+    position: dict[int, int] | None = None
+    for launch in entry.launches:
+        if len(launch.indices) == len(ptrs):
+            mine, odd = ptrs, misaligned.any()
+        else:
+            if position is None:
+                position = {r: k for k, r in enumerate(records)}
+            where = [position[i] for i in launch.indices]
+            mine, odd = [ptrs[k] for k in where], misaligned[where].any()
+        if mine == launch.grad_ptrs:
+            continue
+        if launch.aligned and odd:
+            return False
+        launch.grad_ptrs = mine
+        launch.grads = upload(_column(mine, torch.int64), launch.device, keep)
+    entry.grad_ptrs = ptrs
     return True
 
 
