@@ -40,6 +40,23 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        from .bench.cuda import run_cuda_bench, save_cuda
+
+        results = run_cuda_bench(
+            quick=args.quick,
+            configs=args.configs,
+            compile_torch=not args.no_compile,
+            dry_run=args.dry_run,
+            checkpoint=lambda partial: save_cuda(partial, Path(args.out)),  # a time-out keeps the rows done
+        )
+        for key, value in results["acceptance"].items():
+            print(f"{key}: {value}")
+        for path in save_cuda(results, Path(args.out)):
+            print(f"wrote {path}")
+        return 0
+    if args.dry_run:
+        raise SystemExit("rmsprop bench: --dry-run is for --device cuda")
     results = run_bench(
         quick=args.quick,
         configs=args.configs,
@@ -118,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 
+    from .bench.cuda import CUDA_CONFIGS
     from .bench.runner import CONFIGS
 
     bench = sub.add_parser("bench", help="measure step throughput of every implementation side by side")
@@ -125,7 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="three configurations, fewer repeats, no torch.compile"
     )
     bench.add_argument(
-        "--configs", nargs="+", choices=list(CONFIGS), metavar="NAME", help=f"from {list(CONFIGS)}"
+        "--configs",
+        nargs="+",
+        choices=list(CONFIGS) + [c for c in CUDA_CONFIGS if c not in CONFIGS],
+        metavar="NAME",
+        help=f"from {list(CONFIGS)} (cpu) or {list(CUDA_CONFIGS)} (cuda)",
+    )
+    bench.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu: the fused C kernel (default); cuda: the Triton kernel against torch on a GPU",
+    )
+    bench.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --device cuda: run its code on the CPU at tiny sizes, the kernel interpreted (no GPU needed)",
     )
     bench.add_argument(
         "--out", default="bench-results", help="folder for bench.json, bench.md (and bench.png)"
