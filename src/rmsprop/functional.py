@@ -14,6 +14,9 @@ Choice, per call:
   If the native library is missing, foreach, with one warning naming the cause.
 - ``fused=False`` or an explicit ``foreach``: the torch-op paths, bit-identical to torch
   (``foreach=True``: multi-tensor; ``False``: per-tensor; ``None``: what torch would pick).
+- A call whose first parameter is a CUDA tensor takes the Triton kernel instead of the CPU one
+  (``backends/fused_triton``; ``capturable`` included), when triton imports; without it, torch's
+  paths (``fused=True``: an error saying why).
 
 Every path validates its inputs before its first write, so a call that raises has changed
 nothing: list lengths and the lists the rule needs, the lr (a number or a one-element tensor,

@@ -7,7 +7,8 @@ kernel's struct and the custom op's schema (both in ``backends/fused_cpu``).
 
 Adding a switch touches: this table (``rule=True`` if the update reads it), the math of each
 backend (``backends/single.py``, ``backends/foreach.py``, the C kernel's ``rms_call`` field and
-loop) and :mod:`rmsprop.reference`; the tests pick it up from ``tests/cases.py``. The native
+loop, the Triton kernel and ``backends/fused_triton/loader.IMPLEMENTED``) and
+:mod:`rmsprop.reference`; the tests pick it up from ``tests/cases.py``. The native
 loader refuses a kernel whose struct does not match the table, so a forgotten C field cannot
 reach a step.
 """

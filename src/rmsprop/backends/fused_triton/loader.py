@@ -86,7 +86,13 @@ def kernel(interpret: bool):
     """The jitted kernel, compiled (``interpret=False``) or interpreted."""
     module = _modules.get(interpret)
     if module is None:
+        import triton
         from triton import knobs
+
+        if interpret and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
+            # 3.6's interpreter turns a tensor loop bound into an int with int(array of shape
+            # (1,)), which numpy 2 refuses; the compiled kernel is unaffected
+            raise RuntimeError(f"running the Triton kernel interpreted needs triton >= 3.7, not {triton.__version__}")
 
         path = Path(__file__).with_name("kernel.py")
         suffix = "interpreted" if interpret else "compiled"
