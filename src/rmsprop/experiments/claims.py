@@ -143,7 +143,8 @@ def claim_adagrad_decay(tasks: dict, rms: str = RMSPROP) -> dict:
         task = tasks[name]
         log = task["log_scale"]
         shares = {
-            o: [measures.late_share(c, log) for c in _entry(task, o)["curves"]["per_seed"]] for o in (rms, "Adagrad")
+            o: [measures.late_share(c, log) for c in _entry(task, o)["curves"]["per_seed"]]
+            for o in (rms, "Adagrad")
         }
         result, numbers = measures.outcome([-s for s in shares[rms]], [-s for s in shares["Adagrad"]])
         flag = None
@@ -272,7 +273,9 @@ def regret_at_10x(tasks_entry: dict, name: str) -> float:
     entry = _entry(tasks_entry, name)
     runs = entry["runs"]
     untrained = measures.to_scale(tasks_entry["initial"], tasks_entry["log_scale"])
-    best_of_task = min(statistics.fmean(e["runs"]["best"]["scores"]) for e in tasks_entry["optimizers"].values())
+    best_of_task = min(
+        statistics.fmean(e["runs"]["best"]["scores"]) for e in tasks_entry["optimizers"].values()
+    )
     span = untrained - best_of_task
     if span <= 0:
         return math.nan
@@ -295,7 +298,13 @@ def claim_needs_lr(tasks: dict, rms: str = RMSPROP) -> dict:
         text = f"{name}: regret at 10x " + ", ".join(f"{o} {r:.2f}" for o, r in regrets.items())
         flag = f"{name}: {rms}'s {_edge(task, rms)}" if _edge(task, rms) else None
         held = regrets[rms] > REGRET_THRESHOLD if math.isfinite(regrets[rms]) else None
-        parts.append(Part(None if flag else held, text, flag or (None if held is not None else f"{name}: nobody learned")))
+        parts.append(
+            Part(
+                None if flag else held,
+                text,
+                flag or (None if held is not None else f"{name}: nobody learned"),
+            )
+        )
     return _result(
         "RMSProp still requires manual selection of the learning rate",
         rms,
@@ -312,8 +321,12 @@ def speed_target(task: dict, a: str, b: str) -> float:
     log = task["log_scale"]
     lows, starts = [], []
     for o in (a, b):
-        mean = measures.smooth([measures.to_scale(v, log) if math.isfinite(v) else math.inf
-                                for v in _entry(task, o)["curves"]["mean"]])
+        mean = measures.smooth(
+            [
+                measures.to_scale(v, log) if math.isfinite(v) else math.inf
+                for v in _entry(task, o)["curves"]["mean"]
+            ]
+        )
         lows.append(min(mean))
         starts.append(mean[0])
     start = statistics.fmean(starts)
@@ -322,7 +335,9 @@ def speed_target(task: dict, a: str, b: str) -> float:
 
 def steps_to_target(task: dict, name: str, target: float) -> list[float]:
     curves = _entry(task, name)["curves"]
-    return [measures.steps_to_target(curves["steps"], c, target, task["log_scale"]) for c in curves["per_seed"]]
+    return [
+        measures.steps_to_target(curves["steps"], c, target, task["log_scale"]) for c in curves["per_seed"]
+    ]
 
 
 def claim_adam_faster(tasks: dict, rms: str = RMSPROP) -> dict:

@@ -36,8 +36,18 @@ DESCRIPTIONS = {
     "RMSprop momentum": "rmsprop.RMSprop(momentum=0.9)",
 }
 # The hyperparameters worth stating (whatever else a param group holds are switches left off).
-_SHOWN = ("momentum", "nesterov", "betas", "alpha", "eps", "eps_in_sqrt", "centered", "lr_decay",
-          "initial_accumulator_value", "weight_decay")
+_SHOWN = (
+    "momentum",
+    "nesterov",
+    "betas",
+    "alpha",
+    "eps",
+    "eps_in_sqrt",
+    "centered",
+    "lr_decay",
+    "initial_accumulator_value",
+    "weight_decay",
+)
 
 
 def settings(name: str) -> dict:

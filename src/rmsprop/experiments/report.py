@@ -38,8 +38,18 @@ THICK = {"RMSprop (torch)": 2.8}  # the configuration the general claims judge s
 
 def _style(opt: str, lw: float) -> dict:
     return {"color": PALETTE.get(opt), "lw": THICK.get(opt, lw), "zorder": 5 if opt in THICK else 2}
-MARKERS = {"RMSprop (torch)": "o", "RMSprop (seed)": "s", "RMSprop centered": "^", "RMSprop momentum": "D",
-           "SGD": "v", "SGD+momentum": "<", "Adagrad": ">", "Adam": "P"}
+
+
+MARKERS = {
+    "RMSprop (torch)": "o",
+    "RMSprop (seed)": "s",
+    "RMSprop centered": "^",
+    "RMSprop momentum": "D",
+    "SGD": "v",
+    "SGD+momentum": "<",
+    "Adagrad": ">",
+    "Adam": "P",
+}
 
 
 def _plt():
@@ -126,7 +136,9 @@ def plot_sweeps(results: dict, path: Path, names=MAIN) -> Path:
             (line,) = ax.plot(lrs, ys, marker=MARKERS.get(opt), ms=5, **_style(opt, 1.4))
             handles[opt] = line
             best = e["best_lr"]
-            ax.plot([best], [ys[lrs.index(best)]], marker=MARKERS.get(opt), ms=11, mfc="none", mec=color, mew=2)
+            ax.plot(
+                [best], [ys[lrs.index(best)]], marker=MARKERS.get(opt), ms=11, mfc="none", mec=color, mew=2
+            )
             if bad:
                 ax.scatter(bad, [untrained] * len(bad), marker="x", color=color, s=70, lw=2, zorder=6)
         ax.axhline(untrained, color="k", ls=":", lw=1.2)
@@ -169,14 +181,16 @@ def plot_seeds(results: dict, path: Path) -> Path:
             bad = len(finals) - len(good)
             ax.scatter(good, [row] * len(good), color=color, s=30, zorder=3)
             if bad:
-                ax.scatter([task["initial"]] * bad, [row] * bad, marker="x", color=color, s=70, lw=2, zorder=4)
+                ax.scatter(
+                    [task["initial"]] * bad, [row] * bad, marker="x", color=color, s=70, lw=2, zorder=4
+                )
         ax.axvline(task["initial"], color="k", ls=":", lw=1.2)
         if task.get("baseline") is not None:
             ax.axvline(task["baseline"], color="k", ls="--", lw=1.0)
         if task["log_scale"]:
             ax.set_xscale("log")
         ax.set_yticks(range(len(names)))
-        ax.set_yticklabels(names if ax in axes[:: 4] else [""] * len(names), fontsize=11)
+        ax.set_yticklabels(names if ax in axes[::4] else [""] * len(names), fontsize=11)
         ax.set_ylim(len(names) - 0.5, -0.5)
         ax.grid(axis="x", alpha=0.3)
         ax.set_title(name)
@@ -260,7 +274,11 @@ def _cell(task: dict, entry: dict) -> str:
     finals = [f if f is not None else math.inf for f in entry["report"]]
     bad = sum(measures.diverged(f, task["initial"]) for f in finals)
     good = [f for f in finals if math.isfinite(f)]
-    text = _fmt(statistics.fmean(good)) if len(good) == len(finals) else f"{_fmt(statistics.median(finals))} (median)"
+    text = (
+        _fmt(statistics.fmean(good))
+        if len(good) == len(finals)
+        else f"{_fmt(statistics.median(finals))} (median)"
+    )
     if bad:
         text += f" ({bad}/{len(finals)} diverged)"
     if entry["at_grid_edge"]:
@@ -274,7 +292,10 @@ def summary_table(results: dict) -> list[list[str]]:
     tasks = results["tasks"]
     names = list(next(iter(tasks.values()))["optimizers"])
     rows = [["optimizer", *(f"{t} ({task['metric']})" for t, task in tasks.items())]]
-    best = {t: min(task["optimizers"], key=lambda o: _mean_score(task["optimizers"][o])) for t, task in tasks.items()}
+    best = {
+        t: min(task["optimizers"], key=lambda o: _mean_score(task["optimizers"][o]))
+        for t, task in tasks.items()
+    }
     for opt in names:
         row = [opt]
         for t, task in tasks.items():
@@ -285,8 +306,12 @@ def summary_table(results: dict) -> list[list[str]]:
     rows.append(
         [
             "trivial baseline",
-            *(f"{_fmt(task['baseline'])} ({task['baseline_label']})" if task.get("baseline") is not None else "—"
-              for task in tasks.values()),
+            *(
+                f"{_fmt(task['baseline'])} ({task['baseline_label']})"
+                if task.get("baseline") is not None
+                else "—"
+                for task in tasks.values()
+            ),
         ]
     )
     return rows
@@ -319,7 +344,9 @@ def settings_table(results: dict) -> list[list[str]]:
         for t, task in tasks.items():
             e = task["optimizers"][opt]
             grid = e["lr_grid"]
-            lrs.append(f"{t} {e['best_lr']:.3g} ({grid[0]:.3g}..{grid[-1]:.3g}){' †' if e['at_grid_edge'] else ''}")
+            lrs.append(
+                f"{t} {e['best_lr']:.3g} ({grid[0]:.3g}..{grid[-1]:.3g}){' †' if e['at_grid_edge'] else ''}"
+            )
         rows.append([opt, DESCRIPTIONS.get(opt, ""), hyper, "; ".join(lrs)])
     return rows
 
@@ -328,8 +355,16 @@ def stability_table(results: dict) -> list[list[str]]:
     """Per optimizer: report runs that diverged and runs with a loss spike, at the chosen lr and
     10x either side, summed over the tasks where spikes mean instability."""
     tasks = results["tasks"]
-    rows = [["optimizer", "diverged at chosen lr", "diverged at lr/10", "diverged at 10x lr", "runs with a spike",
-             "regret of a 10x wrong lr (median over tasks)"]]
+    rows = [
+        [
+            "optimizer",
+            "diverged at chosen lr",
+            "diverged at lr/10",
+            "diverged at 10x lr",
+            "runs with a spike",
+            "regret of a 10x wrong lr (median over tasks)",
+        ]
+    ]
     for opt in results["setup"]["optimizers"]:
         counts = {p: [0, 0] for p in ("best", "lower", "upper")}
         spikes = [0, 0]
@@ -357,7 +392,16 @@ def stability_table(results: dict) -> list[list[str]]:
 
 
 def task_table(task: dict) -> list[list[str]]:
-    rows = [["optimizer", "chosen lr", "lrs tried", f"{task['metric']}: per report seed", "mean ± std", "edge flag"]]
+    rows = [
+        [
+            "optimizer",
+            "chosen lr",
+            "lrs tried",
+            f"{task['metric']}: per report seed",
+            "mean ± std",
+            "edge flag",
+        ]
+    ]
     for opt, e in sorted(task["optimizers"].items(), key=lambda kv: _mean_score(kv[1])):
         finals = [f if f is not None else math.inf for f in e["report"]]
         rows.append(
@@ -483,8 +527,13 @@ def _details(results: dict) -> list[list[str]]:
     setup = results["setup"]
     run = setup.get("run", {})
     rows = [["", ""]]
-    for key, label in (("date", "date"), ("seconds", "wall time (s)"), ("workers", "worker processes"),
-                       ("machine", "machine"), ("command", "command")):
+    for key, label in (
+        ("date", "date"),
+        ("seconds", "wall time (s)"),
+        ("workers", "worker processes"),
+        ("machine", "machine"),
+        ("command", "command"),
+    ):
         if key in run:
             rows.append([label, str(run[key])])
     for name, version in run.get("versions", {}).items():
@@ -518,7 +567,10 @@ def render(results: dict, out: Path) -> list[Path]:
         "The same rules and baselines, each judging one RMSProp configuration (the claims table above is the "
         f"{RMSPROP} column). The evidence for every cell is in results.json, claims[i].evidence."
     )
-    task_blocks = [(name, task["title"], task["description"], task_table(task)) for name, task in results["tasks"].items()]
+    task_blocks = [
+        (name, task["title"], task["description"], task_table(task))
+        for name, task in results["tasks"].items()
+    ]
 
     md = ["# RMSProp's claims, tested", "", *(p + "\n" for p in _intro(results)), "## Contents", ""]
     md += [f"- [{title}](#{slug})" for title, slug in sections] + [""]
@@ -526,7 +578,10 @@ def render(results: dict, out: Path) -> list[Path]:
     md += ["## Claims", "", _md(claims_table(claims)), "", "Rules:", ""]
     md += [f"- {line}" for line in rule_lines]
     if results.get("claims_skipped"):
-        md += ["", f"Not judged (a needed task or optimizer was not run): {', '.join(results['claims_skipped'])}"]
+        md += [
+            "",
+            f"Not judged (a needed task or optimizer was not run): {', '.join(results['claims_skipped'])}",
+        ]
     md += ["", "## RMSProp variants", "", variants_caption, "", _md(variants_table(claims)), ""]
     md += ["## Settings", "", _md(settings_table(results)), ""]
     md += ["## Stability and lr sensitivity", "", _md(stability_table(results)), ""]
@@ -535,7 +590,12 @@ def render(results: dict, out: Path) -> list[Path]:
     md += ["## Tasks", ""]
     for name, title, doc, table in task_blocks:
         md += [f"### {name}: {title}", "", doc, "", _md(table), ""]
-    md += ["## Run details", "", _md(_details(results)[1:] and [["item", "value"], *_details(results)[1:]]), ""]
+    md += [
+        "## Run details",
+        "",
+        _md(_details(results)[1:] and [["item", "value"], *_details(results)[1:]]),
+        "",
+    ]
     (out / "report.md").write_text("\n".join(md))
 
     css = (
@@ -556,10 +616,14 @@ def render(results: dict, out: Path) -> list[Path]:
         _html_table(summary_table(results), "summary"),
         "<h2 id='claims'>Claims</h2>",
         _html_table(claims_table(claims)),
-        "<p>Rules:</p><ul>" + "".join(f"<li class='rule'>{_inline(line)}</li>" for line in rule_lines) + "</ul>",
+        "<p>Rules:</p><ul>"
+        + "".join(f"<li class='rule'>{_inline(line)}</li>" for line in rule_lines)
+        + "</ul>",
     ]
     if results.get("claims_skipped"):
-        parts.append(f"<p>Not judged (a needed task or optimizer was not run): {html.escape(', '.join(results['claims_skipped']))}</p>")
+        parts.append(
+            f"<p>Not judged (a needed task or optimizer was not run): {html.escape(', '.join(results['claims_skipped']))}</p>"
+        )
     parts += [
         f"<h2 id='variants'>RMSProp variants</h2><p>{_inline(variants_caption)}</p>",
         _html_table(variants_table(claims)),
@@ -581,7 +645,9 @@ def render(results: dict, out: Path) -> list[Path]:
     for name, title, doc, table in task_blocks:
         parts.append(f"<h3>{html.escape(name)}: {html.escape(title)}</h3><p>{_inline(doc)}</p>")
         parts.append(_html_table(table))
-    parts.append("<h2 id='run-details'>Run details</h2>" + _html_table([["item", "value"], *_details(results)[1:]]))
+    parts.append(
+        "<h2 id='run-details'>Run details</h2>" + _html_table([["item", "value"], *_details(results)[1:]])
+    )
     parts.append("</body></html>")
     (out / "report.html").write_text("".join(parts))
     (out / "results.json").write_text(to_json(results))

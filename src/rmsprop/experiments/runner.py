@@ -86,7 +86,10 @@ def edge_reason(scores: dict[int, float], search: Search) -> str | None:
     """Why the chosen lr is not known to be the best, or None when it is interior (a tried lr
     on each side of it scored worse)."""
     best = best_index(scores)
-    for side, edge, limit in (("largest", max(scores), search.cap[1]), ("smallest", min(scores), search.cap[0])):
+    for side, edge, limit in (
+        ("largest", max(scores), search.cap[1]),
+        ("smallest", min(scores), search.cap[0]),
+    ):
         if best == edge:
             why = "at the search cap" if best == limit else f"the budget of {search.budget} lrs ran out"
             return f"best lr {ladder_lr(best):g} is the {side} tried ({why})"
@@ -191,14 +194,19 @@ def selection_score(runs: list[dict], log_scale: bool) -> float:
     return statistics.fmean(measures.score(r["final"], r["initial"], log_scale) for r in runs)
 
 
-def aggregate_pair(selection: dict[int, list[dict]], report: dict[str, list[dict]], task, search: Search) -> dict:
+def aggregate_pair(
+    selection: dict[int, list[dict]], report: dict[str, list[dict]], task, search: Search
+) -> dict:
     """Everything results.json holds for one (task, optimizer): the search, the report runs at
     the chosen lr and 10x either side, the curves of the report runs at the chosen lr."""
     scores = {k: selection_score(runs, task.log_scale) for k, runs in selection.items()}
     best = best_index(scores)
     reason = edge_reason(scores, search)
     at_best = sorted(report["best"], key=lambda r: r["seed"])
-    summary = {name: summarize_runs(runs, task.log_scale, task.spikes_mean_instability) for name, runs in report.items()}
+    summary = {
+        name: summarize_runs(runs, task.log_scale, task.spikes_mean_instability)
+        for name, runs in report.items()
+    }
     finals = summary["best"]["finals"]
     finite = [f for f in finals if math.isfinite(f)]
     curve_mean, curve_std = _mean_curve([r["curve"] for r in at_best])
@@ -330,7 +338,11 @@ def run_compare(
             "optimizers": opt_names,
             "selection_seeds": sel_seeds,
             "report_seeds": rep_seeds,
-            "search": {**asdict(search), "description": search.describe(), "probe": "chosen lr / 10 and x 10"},
+            "search": {
+                **asdict(search),
+                "description": search.describe(),
+                "probe": "chosen lr / 10 and x 10",
+            },
             "noise": {
                 "method": "paired percentile bootstrap of the mean difference over report seeds",
                 "level": measures.BOOTSTRAP_LEVEL,
@@ -358,3 +370,32 @@ def to_json(results: dict) -> str:
         return x
 
     return json.dumps(clean(results), indent=1, allow_nan=False)
+
+
+def run_details(seconds: float, workers: int, command: str) -> dict:
+    """When, where and with what the study ran (kept out of run_compare's result, which depends
+    only on its arguments)."""
+    import datetime
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("rmsprop", "torch", "numpy", "gymnasium", "scikit-learn", "matplotlib"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+        "workers": workers,
+        "machine": f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}",
+        "command": command,
+        "versions": versions,
+    }
