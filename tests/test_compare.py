@@ -67,7 +67,7 @@ def test_search_extends_past_an_edge_and_refines_an_interior_best():
     assert next_lr_index({-6: 3.0, -4: 1.0, -2: 2.0}, cap) == -3
     assert next_lr_index({-6: 2.0, -4: 1.0, -2: 3.0}, cap) == -5
     # best at the cap: no decade beyond it; refine inside instead
-    assert next_lr_index({-2: 3.0, 0: 2.0, 2: 1.0}, cap) == 1
+    assert next_lr_index({-2: 3.0, 0: 2.0, 2: 1.0}, (-10, 2)) == 1
 
 
 def test_edge_flags_say_why():
@@ -341,3 +341,10 @@ def test_report_is_self_contained_and_written_whole(small_results, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         report.write(small_results, tmp_path / "fresh")
     assert list((tmp_path / "fresh").iterdir()) == []  # nothing half-written, no staging folder left
+
+
+def test_a_saved_run_gives_the_same_verdicts(small_results):
+    from rmsprop.experiments.runner import from_json
+
+    again, _ = claims.judge(from_json(to_json(small_results))["tasks"])
+    assert again == small_results["claims"]

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--quick",
         action="store_true",
-        help=f"small sizes, 4 learning rates, 1 selection + 2 report seeds ({QUICK_TIME})",
+        help=f"small sizes, 4 lrs, 1 selection + 2 report seeds, no RMSProp variants ({QUICK_TIME})",
     )
     compare.add_argument(
         "--tasks", nargs="+", choices=list(TASKS), metavar="NAME", help=f"from {list(TASKS)}"

@@ -118,14 +118,16 @@ def _by_count(held: int, total: int) -> str:
 
 def _result(claim: str, rms: str, parts: list[Part], verdict_of, summary: str) -> dict:
     verdict, flags = _decide(parts, verdict_of)
-    evidence = summary + ". " + "; ".join(p.text for p in parts)
+    flags = list(dict.fromkeys(flags))  # one task's flag can stand behind two of its checks
     if verdict == UNJUDGED:
-        evidence = "rests on an lr at the edge of its search (" + "; ".join(flags) + "). " + evidence
+        summary = "Rests on an lr at the edge of its search (" + "; ".join(flags) + "). " + summary
     return {
         "claim": claim,
         "rmsprop": rms,
         "verdict": verdict,
-        "evidence": evidence,
+        "evidence": summary + ". " + "; ".join(p.text for p in parts),
+        "summary": summary,
+        "details": [p.text for p in parts],
         "edge_flags": flags,
         "ties": sum(" -> tie" in p.text for p in parts),
     }

@@ -109,7 +109,7 @@ def plot_curves(results: dict, path: Path, names=MAIN) -> Path:
             ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel("update" if name == "rl" else "step")
-    axes[0].set_ylabel("training loss (rl: 500 - return)")
+        ax.set_ylabel("500 - return (last 20 episodes)" if name == "rl" else "training loss")
     return _save(plt, fig, path, list(handles.values()), list(handles), ncol=len(handles))
 
 
@@ -291,7 +291,7 @@ def summary_table(results: dict) -> list[list[str]]:
     bold; the untrained model and the trivial baseline below."""
     tasks = results["tasks"]
     names = list(next(iter(tasks.values()))["optimizers"])
-    rows = [["optimizer", *(f"{t} ({task['metric']})" for t, task in tasks.items())]]
+    rows = [["", *tasks], ["metric", *(f"*{task['metric']}*" for task in tasks.values())]]
     best = {
         t: min(task["optimizers"], key=lambda o: _mean_score(task["optimizers"][o]))
         for t, task in tasks.items()
@@ -306,22 +306,24 @@ def summary_table(results: dict) -> list[list[str]]:
     rows.append(
         [
             "trivial baseline",
-            *(
-                f"{_fmt(task['baseline'])} ({task['baseline_label']})"
-                if task.get("baseline") is not None
-                else "—"
-                for task in tasks.values()
-            ),
+            *(_fmt(task["baseline"]) if task.get("baseline") is not None else "—" for task in tasks.values()),
         ]
     )
     return rows
 
 
+def baselines_note(results: dict) -> str:
+    named = [
+        f"{t}: {task['baseline_label']}" for t, task in results["tasks"].items() if task.get("baseline_label")
+    ]
+    return "Trivial baselines (no training needed): " + "; ".join(named) + "." if named else ""
+
+
 def claims_table(claims: list[dict], primary: bool = True) -> list[list[str]]:
-    rows = [["claim", "RMSProp judged", "verdict", "evidence (report seeds; 95% bootstrap intervals)"]]
+    rows = [["claim", "RMSProp judged", "verdict", "in short"]]
     for c in claims:
         if c.get("primary", True) == primary:
-            rows.append([c["claim"], c["rmsprop"], f"**{c['verdict']}**", c["evidence"]])
+            rows.append([c["claim"], c["rmsprop"], f"**{c['verdict']}**", c.get("summary", "")])
     return rows
 
 
@@ -336,18 +338,23 @@ def variants_table(claims: list[dict]) -> list[list[str]]:
 
 
 def settings_table(results: dict) -> list[list[str]]:
-    tasks = results["tasks"]
-    rows = [["optimizer", "what it is", "hyperparameters (all but lr)", "chosen lr per task (tried range)"]]
+    rows = [["optimizer", "what it is", "hyperparameters (all but the lr, which is searched)"]]
     for opt in results["setup"]["optimizers"]:
         hyper = ", ".join(f"{k}={v}" for k, v in settings(opt).items())
-        lrs = []
-        for t, task in tasks.items():
+        rows.append([opt, DESCRIPTIONS.get(opt, ""), hyper])
+    return rows
+
+
+def lr_table(results: dict) -> list[list[str]]:
+    """Optimizer x task: the chosen lr († at the edge of the lrs tried)."""
+    tasks = results["tasks"]
+    rows = [["", *tasks]]
+    for opt in results["setup"]["optimizers"]:
+        cells = []
+        for task in tasks.values():
             e = task["optimizers"][opt]
-            grid = e["lr_grid"]
-            lrs.append(
-                f"{t} {e['best_lr']:.3g} ({grid[0]:.3g}..{grid[-1]:.3g}){' †' if e['at_grid_edge'] else ''}"
-            )
-        rows.append([opt, DESCRIPTIONS.get(opt, ""), hyper, "; ".join(lrs)])
+            cells.append(f"{e['best_lr']:.3g}{' †' if e['at_grid_edge'] else ''}")
+        rows.append([opt, *cells])
     return rows
 
 
@@ -358,10 +365,10 @@ def stability_table(results: dict) -> list[list[str]]:
     rows = [
         [
             "optimizer",
-            "diverged at chosen lr",
-            "diverged at lr/10",
+            "diverged at the chosen lr",
+            "diverged at lr / 10",
             "diverged at 10x lr",
-            "runs with a spike",
+            "runs with a loss spike",
             "regret of a 10x wrong lr (median over tasks)",
         ]
     ]
@@ -428,9 +435,10 @@ def _md(rows: list[list[str]]) -> str:
 
 
 def _inline(text: str) -> str:
-    """HTML-escape, then the two pieces of markdown the tables use: **bold** and `code`."""
+    """HTML-escape, then the markdown the report text uses: **bold**, *italics* and `code`."""
     out = html.escape(text)
     out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    out = re.sub(r"(?<![*\w])\*([^*]+?)\*(?![*\w])", r"<i>\1</i>", out)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
 
 
@@ -542,114 +550,150 @@ def _details(results: dict) -> list[list[str]]:
     return rows
 
 
+def _blocks(results: dict, figures: list[tuple[str, Path, str]]) -> list[tuple]:
+    """The report as a list of blocks, rendered both to markdown and to HTML: ("h2", title),
+    ("h3", title), ("p", text), ("table", rows, css class), ("ul", items), ("figure", title,
+    path, caption). Text may use **bold**, *italics* and `code`."""
+    claims = results["claims"]
+    primary = [c for c in claims if c.get("primary", True)]
+    blocks: list[tuple] = [("p", p) for p in _intro(results)]
+    sections = ["Summary", "Claims", "RMSProp variants", "Settings", "Stability and lr sensitivity"]
+    sections += [title for title, _, _ in figures] + ["Tasks", "Run details"]
+    blocks += [("h2", "Contents"), ("toc", sections)]
+    blocks += [
+        ("h2", "Summary"),
+        (
+            "p",
+            "Mean final metric over the report seeds at each optimizer's chosen lr (lower is better; the best of "
+            "each task in **bold**). † the chosen lr is at the edge of the lrs tried. "
+            + baselines_note(results),
+        ),
+        ("table", summary_table(results), "summary"),
+        ("h2", "Claims"),
+        ("table", claims_table(claims), "claims"),
+    ]
+    for c in primary:
+        blocks += [
+            ("h3", c["claim"]),
+            ("p", f"Verdict for {c['rmsprop']}: **{c['verdict']}**. {c.get('summary', '')}."),
+            ("p", f"*{c['rule']}*"),
+            (
+                "ul",
+                [re.sub(r"-> ((?:Adam )?\w+)", r"-> **\1**", d) for d in c.get("details", [c["evidence"]])],
+            ),
+        ]
+    if results.get("claims_skipped"):
+        skipped = ", ".join(results["claims_skipped"])
+        blocks.append(("p", f"Not judged (a needed task or optimizer was not run): {skipped}."))
+    blocks += [
+        ("h2", "RMSProp variants"),
+        (
+            "p",
+            "The same rules and baselines, each judging one RMSProp configuration (the claims above are the "
+            f"{RMSPROP} column). The evidence of every cell is in results.json (claims[i].evidence).",
+        ),
+        ("table", variants_table(claims), ""),
+        ("h2", "Settings"),
+        ("table", settings_table(results), ""),
+        (
+            "p",
+            "The lr each optimizer chose on each task (on the selection seeds; † at the edge of those tried):",
+        ),
+        ("table", lr_table(results), "summary"),
+        ("h2", "Stability and lr sensitivity"),
+        (
+            "p",
+            "Report runs at the chosen lr and 10x either side, over all tasks. Diverged: the final metric is no "
+            "better than the untrained model's. A loss spike: the smoothed curve gives back more than half the "
+            "progress made so far (not counted on the non-stationary task, whose target jumps by design). Regret "
+            "of a 10x wrong lr: the worse of lr / 10 and 10x lr, as a fraction of the task's attainable improvement.",
+        ),
+        ("table", stability_table(results), ""),
+    ]
+    for title, path, caption in figures:
+        blocks += [("h2", title), ("figure", title, path, caption)]
+    blocks.append(("h2", "Tasks"))
+    for name, task in results["tasks"].items():
+        blocks += [
+            ("h3", f"{name}: {task['title']}"),
+            ("p", task["description"]),
+            ("table", task_table(task), ""),
+        ]
+    blocks += [("h2", "Run details"), ("table", [["item", "value"], *_details(results)[1:]], "")]
+    return blocks
+
+
+def _to_markdown(blocks: list[tuple]) -> str:
+    md = ["# RMSProp's claims, tested", ""]
+    for block in blocks:
+        kind = block[0]
+        if kind == "h2":
+            md += [f"## {block[1]}", ""]
+        elif kind == "h3":
+            md += [f"### {block[1]}", ""]
+        elif kind == "p":
+            md += [block[1], ""]
+        elif kind == "toc":
+            md += [f"- [{title}](#{_slug(title)})" for title in block[1]] + [""]
+        elif kind == "table":
+            md += [_md(block[1]), ""]
+        elif kind == "ul":
+            md += [f"- {item}" for item in block[1]] + [""]
+        elif kind == "figure":
+            _, title, path, caption = block
+            md += [f"![{title}]({path.name})", "", f"*{caption}*", ""]
+    return "\n".join(md)
+
+
+CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1320px;margin:2em auto;padding:0 1em;line-height:1.45;"
+    "color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+    "font-size:14px;vertical-align:top;text-align:left}th{background:#f3f3f3}img{width:100%;height:auto}"
+    "figure{margin:1em 0}figcaption{color:#444;font-size:15px;margin-top:.3em}h3{margin-top:1.4em}"
+    "table.summary td:not(:first-child){white-space:nowrap}nav ul{columns:2}code{font-size:13px}"
+    "li{font-size:14px;margin:.2em 0}"
+)
+
+
+def _to_html(blocks: list[tuple]) -> str:
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>RMSProp's claims, tested</title>"
+        f"<style>{CSS}</style></head><body><h1>RMSProp's claims, tested</h1>"
+    ]
+    for block in blocks:
+        kind = block[0]
+        if kind == "h2":
+            parts.append(f"<h2 id='{_slug(block[1])}'>{html.escape(block[1])}</h2>")
+        elif kind == "h3":
+            parts.append(f"<h3>{html.escape(block[1])}</h3>")
+        elif kind == "p":
+            parts.append(f"<p>{_inline(block[1])}</p>")
+        elif kind == "toc":
+            items = "".join(f"<li><a href='#{_slug(t)}'>{html.escape(t)}</a></li>" for t in block[1])
+            parts.append(f"<nav><ul>{items}</ul></nav>")
+        elif kind == "table":
+            parts.append(_html_table(block[1], block[2]))
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block[1]) + "</ul>")
+        elif kind == "figure":
+            _, title, path, caption = block
+            data = base64.b64encode(path.read_bytes()).decode()
+            parts.append(
+                f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{_inline(caption)}</figcaption></figure>"
+            )
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
 def render(results: dict, out: Path) -> list[Path]:
     """Write the PNGs, report.md, report.html and results.json into ``out``; return the paths."""
     from .runner import to_json
 
     figures = _figures(results, out)
-    claims = results["claims"]
-    sections = [
-        ("Summary", "summary"),
-        ("Claims", "claims"),
-        ("RMSProp variants", "variants"),
-        ("Settings", "settings"),
-        ("Stability and lr sensitivity", "stability"),
-        *((title, _slug(title)) for title, _, _ in figures),
-        ("Tasks", "tasks"),
-        ("Run details", "run-details"),
-    ]
-    summary_caption = (
-        "Mean final metric over the report seeds at each optimizer's chosen lr (lower is better; the best of each "
-        "task in bold). † the chosen lr is at the edge of the lrs tried."
-    )
-    rule_lines = [f"**{c['claim']}**: {c['rule']}" for c in claims if c.get("primary", True)]
-    variants_caption = (
-        "The same rules and baselines, each judging one RMSProp configuration (the claims table above is the "
-        f"{RMSPROP} column). The evidence for every cell is in results.json, claims[i].evidence."
-    )
-    task_blocks = [
-        (name, task["title"], task["description"], task_table(task))
-        for name, task in results["tasks"].items()
-    ]
-
-    md = ["# RMSProp's claims, tested", "", *(p + "\n" for p in _intro(results)), "## Contents", ""]
-    md += [f"- [{title}](#{slug})" for title, slug in sections] + [""]
-    md += ["## Summary", "", summary_caption, "", _md(summary_table(results)), ""]
-    md += ["## Claims", "", _md(claims_table(claims)), "", "Rules:", ""]
-    md += [f"- {line}" for line in rule_lines]
-    if results.get("claims_skipped"):
-        md += [
-            "",
-            f"Not judged (a needed task or optimizer was not run): {', '.join(results['claims_skipped'])}",
-        ]
-    md += ["", "## RMSProp variants", "", variants_caption, "", _md(variants_table(claims)), ""]
-    md += ["## Settings", "", _md(settings_table(results)), ""]
-    md += ["## Stability and lr sensitivity", "", _md(stability_table(results)), ""]
-    for title, p, caption in figures:
-        md += [f"## {title}", "", f"![{title}]({p.name})", "", f"*{caption}*", ""]
-    md += ["## Tasks", ""]
-    for name, title, doc, table in task_blocks:
-        md += [f"### {name}: {title}", "", doc, "", _md(table), ""]
-    md += [
-        "## Run details",
-        "",
-        _md(_details(results)[1:] and [["item", "value"], *_details(results)[1:]]),
-        "",
-    ]
-    (out / "report.md").write_text("\n".join(md))
-
-    css = (
-        "body{font-family:system-ui,sans-serif;max-width:1320px;margin:2em auto;padding:0 1em;line-height:1.45;"
-        "color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-        "font-size:14px;vertical-align:top;text-align:left}th{background:#f3f3f3}img{width:100%;height:auto}"
-        "figure{margin:1em 0}figcaption{color:#444;font-size:14px;margin-top:.3em}.rule{color:#555;font-size:14px}"
-        "table.summary td:not(:first-child){white-space:nowrap}nav ul{columns:2}code{font-size:13px}"
-    )
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>RMSProp's claims, tested</title><style>{css}</style>"
-        "</head><body><h1>RMSProp's claims, tested</h1>",
-        *(f"<p>{_inline(p)}</p>" for p in _intro(results)),
-        "<nav><h2>Contents</h2><ul>"
-        + "".join(f"<li><a href='#{slug}'>{html.escape(title)}</a></li>" for title, slug in sections)
-        + "</ul></nav>",
-        f"<h2 id='summary'>Summary</h2><p>{_inline(summary_caption)}</p>",
-        _html_table(summary_table(results), "summary"),
-        "<h2 id='claims'>Claims</h2>",
-        _html_table(claims_table(claims)),
-        "<p>Rules:</p><ul>"
-        + "".join(f"<li class='rule'>{_inline(line)}</li>" for line in rule_lines)
-        + "</ul>",
-    ]
-    if results.get("claims_skipped"):
-        parts.append(
-            f"<p>Not judged (a needed task or optimizer was not run): {html.escape(', '.join(results['claims_skipped']))}</p>"
-        )
-    parts += [
-        f"<h2 id='variants'>RMSProp variants</h2><p>{_inline(variants_caption)}</p>",
-        _html_table(variants_table(claims)),
-        "<h2 id='settings'>Settings</h2>",
-        _html_table(settings_table(results)),
-        "<h2 id='stability'>Stability and lr sensitivity</h2>",
-        "<p>Report runs at the chosen lr and 10x either side. A spike: the smoothed curve gives back more than half "
-        "the progress made so far (not counted on the non-stationary task, whose target jumps by design). Regret of a "
-        "10x wrong lr: the worse of lr/10 and 10x lr, as a fraction of the task's attainable improvement.</p>",
-        _html_table(stability_table(results)),
-    ]
-    for title, p, caption in figures:
-        data = base64.b64encode(p.read_bytes()).decode()
-        parts.append(
-            f"<h2 id='{_slug(title)}'>{html.escape(title)}</h2><figure><img alt='{html.escape(title)}' "
-            f"src='data:image/png;base64,{data}'><figcaption>{_inline(caption)}</figcaption></figure>"
-        )
-    parts.append("<h2 id='tasks'>Tasks</h2>")
-    for name, title, doc, table in task_blocks:
-        parts.append(f"<h3>{html.escape(name)}: {html.escape(title)}</h3><p>{_inline(doc)}</p>")
-        parts.append(_html_table(table))
-    parts.append(
-        "<h2 id='run-details'>Run details</h2>" + _html_table([["item", "value"], *_details(results)[1:]])
-    )
-    parts.append("</body></html>")
-    (out / "report.html").write_text("".join(parts))
+    blocks = _blocks(results, figures)
+    (out / "report.md").write_text(_to_markdown(blocks))
+    (out / "report.html").write_text(_to_html(blocks))
     (out / "results.json").write_text(to_json(results))
     return [out / "report.html", out / "report.md", out / "results.json", *(p for _, p, _ in figures)]
 

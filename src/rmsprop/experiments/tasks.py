@@ -181,7 +181,7 @@ def adding_problem(make_optimizer: MakeOptimizer, seed: int, quick: bool) -> dic
     1/6 ~ 0.167; below that the net has learned to use the markers across the sequence."""
     gen = torch.Generator().manual_seed(seed)
     length, batch, hidden = (10 if quick else 30), 64, 32
-    steps = 120 if quick else 500
+    steps = 200 if quick else 500
 
     def sample(n):
         values = torch.rand(n, length, generator=gen)
@@ -302,7 +302,7 @@ def a2c_cartpole(make_optimizer: MakeOptimizer, seed: int, quick: bool) -> dict:
     from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
     n_envs, n_steps, gamma = 8, 5, 0.99
-    updates = 120 if quick else 800
+    updates = 120 if quick else 500
     log_every = 10
     torch.manual_seed(seed)
 
@@ -439,7 +439,7 @@ def char_lm(make_optimizer: MakeOptimizer, seed: int, quick: bool) -> dict:
     data = text_corpus()
     vocab = len(TEXT_VOCAB) + 1
     n_val, window, batch = TEXT_HELD_OUT, 32, 32
-    steps = 60 if quick else 400
+    steps = 60 if quick else 300
     val, train = data[:n_val], data[n_val:]
     # quick mode scores on the first quarter of the held-out text: the same text, less of it
     n_scored = n_val // 4 if quick else n_val
