@@ -119,6 +119,9 @@ def _by_count(held: int, total: int) -> str:
 def _result(claim: str, rms: str, parts: list[Part], verdict_of, summary: str) -> dict:
     verdict, flags = _decide(parts, verdict_of)
     flags = list(dict.fromkeys(flags))  # one task's flag can stand behind two of its checks
+    held = sum(p.holds is True for p in parts)
+    unknown = sum(p.holds is None for p in parts)
+    summary += f" (holds in {held} of {len(parts)} checks" + (f", {unknown} open on an edge flag)" if unknown else ")")
     if verdict == UNJUDGED:
         summary = "Rests on an lr at the edge of its search (" + "; ".join(flags) + "). " + summary
     return {
@@ -264,7 +267,8 @@ def claim_better_than_adagrad(tasks: dict, rms: str = RMSPROP) -> dict:
         rms,
         parts,
         verdict_of,
-        f"{rms} beats Adagrad's final metric on {sum(bool(p.holds) for p in parts[:-1])}/{len(parts) - 1} tasks",
+        f"{rms} beats Adagrad's final metric beyond the noise on {sum(' -> win' in p.text for p in parts[:-1])}"
+        f"/{len(parts) - 1} tasks; unstable runs: {parts[-1].text.rsplit('-> ', 1)[1]}",
     )
 
 
@@ -372,7 +376,8 @@ def claim_adam_faster(tasks: dict, rms: str = RMSPROP) -> dict:
         rms,
         parts,
         lambda held: _by_count(sum(held), len(held)),
-        f"Adam reaches the common target faster on {sum(bool(p.holds) for p in parts)}/{len(parts)} tasks, "
+        f"Adam reaches the common target faster beyond the noise on {sum(' -> Adam win' in p.text for p in parts)}"
+        f"/{len(parts)} tasks, "
         f"{rms} faster on {faster_rms}",
     )
 

@@ -472,13 +472,6 @@ def _figures(results: dict, out: Path) -> list[tuple[str, Path, str]]:
             "at the end of its line is flagged † and the claims resting on it are unjudged.",
         ),
         (
-            "RMSProp variants",
-            plot_curves(results, out / "curves_variants.png", names=RMSPROP_VARIANTS),
-            "The four RMSProp configurations, each at its own chosen lr (mean over report seeds). What to see: "
-            "whether the torch form, the seed document's form (eps inside the root, alpha 0.9), centering and "
-            "momentum change the picture; each is judged on its own rows, never as a best-of.",
-        ),
-        (
             "Every report seed",
             plot_seeds(results, out / "seeds.png"),
             "The final metric of each report seed at the chosen lr (dots; x: a diverged seed, placed at the "
@@ -486,6 +479,18 @@ def _figures(results: dict, out: Path) -> list[tuple[str, Path, str]]:
             "are; a difference between optimizers smaller than this spread is a tie in the verdicts.",
         ),
     ]
+    variants = [v for v in RMSPROP_VARIANTS if v in results["setup"]["optimizers"]]
+    if len(variants) > 1:  # a quick run has plain RMSProp alone
+        figures.insert(
+            2,
+            (
+                "Training curves of the RMSProp variants",
+                plot_curves(results, out / "curves_variants.png", names=variants),
+                "The four RMSProp configurations, each at its own chosen lr (mean over report seeds). What to see: "
+                "whether the torch form, the seed document's form (eps inside the root, alpha 0.9), centering and "
+                "momentum change the picture; each is judged on its own rows, never as a best-of.",
+            ),
+        )
     eff = plot_effective_lr(results, out / "effective_lr.png")
     if eff:
         figures.append(
