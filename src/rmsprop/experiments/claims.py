@@ -121,7 +121,9 @@ def _result(claim: str, rms: str, parts: list[Part], verdict_of, summary: str) -
     flags = list(dict.fromkeys(flags))  # one task's flag can stand behind two of its checks
     held = sum(p.holds is True for p in parts)
     unknown = sum(p.holds is None for p in parts)
-    summary += f" (holds in {held} of {len(parts)} checks" + (f", {unknown} open on an edge flag)" if unknown else ")")
+    summary += f" (holds in {held} of {len(parts)} checks" + (
+        f", {unknown} open on an edge flag)" if unknown else ")"
+    )
     if verdict == UNJUDGED:
         summary = "Rests on an lr at the edge of its search (" + "; ".join(flags) + "). " + summary
     return {
