@@ -270,6 +270,25 @@ def test_triton_low_precision_within_one_rounding(dtype, options):
     assert_bitwise([p], [q], opt, their_opt)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: f"triton-{d}")
+def test_triton_stores_round_exactly_as_torch_for_every_half_value(dtype):
+    """With alpha = 0 the new square average is g * g, exact in float32 for a 16-bit g, so the
+    stored value is the kernel's rounding of it: for every one of the 65536 bit patterns of g
+    (subnormals, ties, overflow to infinity) it must be torch's conversion, bit for bit; NaN stays
+    NaN (torch itself stores different NaN bits on different paths: 0x7FC0 scalar, 0xFFFF here)."""
+    g = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).clone()
+    p = torch.zeros(g.numel(), dtype=dtype, device=DEVICE, requires_grad=True)
+    opt = rmsprop.RMSprop([p], lr=0.0, alpha=0.0, fused=True)
+    p.grad = g.to(DEVICE)
+    opt.step()
+    stored = opt.state[p]["square_avg"].cpu()
+    expected = (g.float() * g.float()).to(dtype)
+    nan = expected.isnan()
+    assert torch.equal(stored.isnan(), nan)
+    same = stored[~nan].view(torch.int16) == expected[~nan].view(torch.int16)
+    assert bool(same.all()), int((~same).sum())
+
+
 # ----------------------------------------------------------------------------- sizes, programs
 SIZES = [0, 1, 15, 16, 17, 64, 65, 200, 1000]
 

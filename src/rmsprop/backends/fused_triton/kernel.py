@@ -77,11 +77,11 @@ def _decode(raw, KIND: tl.constexpr):
 @triton.jit
 def _encode(x, KIND: tl.constexpr, TYPE: tl.constexpr):
     """float32 to the stored format, rounding to nearest even; bfloat16 as the fused CPU kernel
-    does it (NaN stays a quiet NaN)."""
+    and torch do it (a NaN becomes torch's 0x7FC0)."""
     if KIND == BF16:
         u = x.to(tl.uint32, bitcast=True)
         rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        raw = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, rounded).to(tl.uint16)
+        raw = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded).to(tl.uint16)
     else:
         raw = x.to(TYPE)
     return raw
