@@ -25,8 +25,8 @@ NOT_BUILT = """
 ************************************************************************************************
 rmsprop: the fused CPU kernel was NOT built ({reason}).
 The package installs and works without it, but CPU optimizer steps then take torch's foreach
-path: about 5-6x slower per step on large float32 models (README, "Benchmarks"); `import
-rmsprop` warns once about it. To get the kernel: install a C compiler (gcc or clang) and
+path: about 5-6x slower per step on large float32 models (README, "Benchmarks"), and the
+first such step warns once. To get the kernel: install a C compiler (gcc or clang) and
 reinstall. To make a build without the kernel fail instead: RMSPROP_REQUIRE_KERNEL=1.
 ************************************************************************************************
 """

@@ -35,6 +35,7 @@ from ..presets import PRESETS
 __all__ = ["DEFAULT_PREFIX", "register_timm", "timm_names"]
 
 DEFAULT_PREFIX = "rmspropx"
+"""The default first part of every registered name: ``rmspropx``, ``rmspropxkeras``, ..."""
 _NAME = re.compile(r"[a-z][a-z0-9]*\Z")
 
 
