@@ -66,10 +66,15 @@ def test_sdist_ships_every_test_module_and_what_it_needs(sdist):
     shipped = {p.relative_to(sdist).as_posix() for p in sdist.rglob("*") if p.is_file()}
     for path in sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "examples").glob("*.py")):
         assert path.relative_to(ROOT).as_posix() in shipped, f"{path.name} is missing from the sdist"
+    # tests/test_docs.py builds the site: its sources and the data its pages link to
+    for name in ("mkdocs.yml", "scripts/mkdocs_hooks.py", "scripts/griffe_torch_docstrings.py"):
+        assert name in shipped
+    docs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*") if p.is_file()}
+    assert docs <= shipped, sorted(docs - shipped)
     for name in ("LICENSE", "README.md", "CHANGELOG.md", "setup.py", "pyproject.toml", "MANIFEST.in"):
         assert name in shipped
     assert "src/rmsprop/_cpu/rmsprop_cpu.c" in shipped and "src/rmsprop/py.typed" in shipped
-    assert not [f for f in shipped if f.endswith((".so", ".pyc")) or f.startswith(("site/", "docs/"))]
+    assert not [f for f in shipped if f.endswith((".so", ".pyc")) or f.startswith(("site/", "report/"))]
 
 
 
