@@ -12,6 +12,7 @@ import argparse
 import functools
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise UserError(f"the benchmark needs the fused kernel, which is unavailable: {fused_cpu.load_error()}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    start = time.perf_counter()
     results = run_bench(
         quick=args.quick,
         configs=args.configs,
@@ -134,8 +136,10 @@ def _bench(args: argparse.Namespace) -> int:
             f"foreach {f['foreach']['first_step_s']:.3f} s "
             f"(fused costs {f['fused_first_minus_foreach_first_s']:+.3f} s more)"
         )
+    results["seconds"] = round(time.perf_counter() - start, 1)
     for path in save(results, out, plot=args.plot):
         print(f"wrote {path}")
+    print(f"{len(results['configs'])} configurations in {results['seconds']} s")
     return 0
 
 
@@ -209,11 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="measure step throughput of every implementation side by side (~2 min; --quick ~30 s)",
+        help="measure step throughput of every implementation side by side (minutes)",
         description="Time one optimizer step of every implementation on the same tensors, interleaved "
         "round-robin, against a native bandwidth bound; write bench.json and bench.md (and bench.png) "
-        "into --out. The full run takes about 2 minutes on 2 cores (torch.compile included), "
-        "--quick about 30 s.",
+        "into --out. Takes minutes: --quick took 3 to 5 minutes on the README's 2-core machine while "
+        "other jobs shared it, and the full run (five configurations, torch.compile) takes longer. "
+        "Each run prints its own time and records it in bench.json.",
     )
     bench.add_argument(
         "--quick", action="store_true", help="three configurations, fewer repeats, no torch.compile"
