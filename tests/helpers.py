@@ -7,13 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-
-# Every backend, as the optimizer arguments that select it.
-BACKENDS: dict[str, dict] = {
-    "per-tensor": {"foreach": False, "fused": False},
-    "foreach": {"foreach": True, "fused": False},
-    "fused": {"fused": True},
-}
+from cases import BACKENDS  # noqa: F401  (re-exported: the tests' one table of backends)
 
 SHAPES: tuple[tuple[int, ...], ...] = ((3, 4), (5,), (2, 3, 2), (1,))
 
@@ -73,3 +67,21 @@ def to_real_numpy(t: torch.Tensor) -> np.ndarray:
 
 def clone_params(params):
     return [copy.deepcopy(p) for p in params]
+
+
+def spy_kernel(monkeypatch) -> list[int]:
+    """Record, for every native step that ran, how many tensors the kernel stepped."""
+    from rmsprop.backends.fused_cpu import kernel, native
+
+    calls: list[int] = []
+    original = kernel._Call.invoke
+
+    def invoke(self, columns, grad_column, n, mode, records, status):
+        excluded = sum(1 for s in status if s)
+        rc = original(self, columns, grad_column, n, mode, records, status)
+        if mode & 0xFF == native.MODE_RUN and rc == native.OK:
+            calls.append(n - excluded)
+        return rc
+
+    monkeypatch.setattr(kernel._Call, "invoke", invoke)
+    return calls

@@ -1,41 +1,60 @@
-"""The fused CPU kernel: presence, dtypes, sizes, layouts, AMP, fallback, cached plans, compile.
+"""The fused CPU kernel: presence, ABI, dtypes, sizes, layouts, AMP, fallback, the cache.
 
 Its agreement with the float64 reference for every combination of options is in
-test_reference.py (the "fused" backend there).
+test_reference.py (the "fused" backend there); its refusals of bad input are the subprocess
+probes of test_probes.py; torch.compile is in test_integration.py.
 """
 
 from __future__ import annotations
 
+import copy
+import ctypes
+import os
+import pickle
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_grads, make_params, run
+from cases import HALF_ULP, NAMED
+from helpers import make_grads, make_params, run, spy_kernel
 
 import rmsprop
 import rmsprop.functional
 from rmsprop.backends import fused_cpu
-from rmsprop.reference import ReferenceRMSprop
+from rmsprop.backends.fused_cpu import native
+from rmsprop.reference import ReferenceRMSprop, run_reference
 
-FULL = {
-    "momentum": 0.9,
-    "centered": True,
-    "weight_decay": 0.01,
-    "initial_square_avg": 0.5,
-    "bias_correction": True,
-}
+FULL = NAMED["full"]
 
 
 def test_native_kernel_is_built_and_loaded():
     """Never skip: a suite that silently tested foreach instead would hide a broken build."""
     assert fused_cpu.is_available(), fused_cpu.load_error()
+    override = os.environ.get("RMSPROP_NATIVE_LIB")
+    if override:  # scripts/sanitize.sh: the sanitizer build must be the one under test
+        assert native._library_path() == override
+
+
+def test_abi_check_refuses_a_struct_that_does_not_match():
+    """The loader compares every field the C side exports with its ctypes twin."""
+    assert native._check_layout(native.LIB, 0, native.Call, "rms_call") is None
+
+    class Missing(ctypes.Structure):  # the call struct without its last switch
+        _fields_ = [f for f in native.Call._fields_ if f[0] != "bias_correction"]
+
+    problem = native._check_layout(native.LIB, 0, Missing, "rms_call")
+    assert problem is not None and "bias_correction" in problem
+
+
+def test_a_different_abi_version_is_refused(monkeypatch):
+    monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 1)
+    lib, error = native._load()
+    assert lib is None and "different version" in error
 
 
 def test_fp16_is_fused_only_on_request(monkeypatch):
-    calls = []
-    original = fused_cpu._run
-    monkeypatch.setattr(fused_cpu, "_run", lambda *a, **k: (calls.append(a[1]), original(*a, **k)))
+    calls = spy_kernel(monkeypatch)
     params = [torch.randn(10, dtype=torch.float16, requires_grad=True), torch.randn(10, requires_grad=True)]
     grads = make_grads(params, 2)
     run(lambda p: rmsprop.RMSprop(p), params, grads)
@@ -46,19 +65,18 @@ def test_fp16_is_fused_only_on_request(monkeypatch):
 
 
 def test_default_on_cpu_is_the_fused_kernel(monkeypatch):
-    calls = []
-    original = fused_cpu._run
-    monkeypatch.setattr(fused_cpu, "_run", lambda *a, **k: (calls.append(1), original(*a, **k)))
+    calls = spy_kernel(monkeypatch)
     params = make_params()
     run(lambda p: rmsprop.RMSprop(p), params, make_grads(params, 3))
-    assert len(calls) == 3  # one native call per group per step
+    assert calls == [len(params)] * 3  # one native call per group per step, every tensor in it
 
 
-@pytest.mark.parametrize("dtype,half_ulp", [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
+@pytest.mark.parametrize("dtype", list(HALF_ULP), ids=str)
 @pytest.mark.parametrize("options", [{}, FULL, {"momentum": 0.9, "nesterov": True, "eps_in_sqrt": True}])
-def test_low_precision_within_one_rounding(dtype, half_ulp, options):
+def test_low_precision_within_one_rounding(dtype, options):
     """fp32 math, one rounding per stored value: every output is within half a ulp of the exact
     result of the same inputs (plus fp32's own error, far smaller)."""
+    half_ulp = HALF_ULP[dtype]
     gen = torch.Generator().manual_seed(0)
     n = 4096
     p = (torch.randn(n, generator=gen)).to(dtype).requires_grad_()
@@ -125,27 +143,51 @@ def test_many_threads_give_the_same_result_as_one():
     assert all(torch.equal(a, b) for a, b in zip(one, four, strict=True))  # elementwise: no reduction
 
 
-def test_non_contiguous_params_go_to_foreach_and_stay_correct():
-    view_param = torch.randn(5, 6).t().detach().requires_grad_()  # a non-contiguous leaf
-    assert not view_param.is_contiguous()
-    contiguous_param = torch.randn(4, requires_grad=True)
-    params = [view_param, contiguous_param]
-    grads = make_grads(params, steps=4)
-    ours, _ = run(lambda p: rmsprop.RMSprop(p, **FULL), params, grads)  # default: fused + foreach
-    theirs, _ = run(lambda p: rmsprop.RMSprop(p, foreach=True, **FULL), params, grads)
-    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)  # the view went to foreach itself
-    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-7)
-    with pytest.raises(RuntimeError, match="fused=True supports dense CPU tensors"):
-        run(lambda p: rmsprop.RMSprop(p, fused=True), params, grads)
+def _strided_copy(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A copy of ``t`` laid out as a transposed (dense) or a gapped (every other element) view."""
+    if layout == "transposed":
+        return t.t().contiguous().t().detach()
+    if layout == "gapped":
+        return torch.empty(2 * t.numel())[::2].copy_(t).detach()
+    return t.detach().clone()
+
+
+def test_dense_views_are_fused_and_gapped_views_go_to_foreach(monkeypatch):
+    """A transposed weight is dense (a permutation of a contiguous layout): the kernel walks its
+    memory. A strided slice has gaps: it goes to foreach, bit-identical to foreach itself."""
+    calls = spy_kernel(monkeypatch)
+    layouts = ["transposed", "gapped", "contiguous"]
+    start = [torch.randn(6, 5), torch.randn(5), torch.randn(4)]
+    grads = make_grads(start, steps=4)
+
+    def train(**kw):
+        params = [_strided_copy(t, lay).requires_grad_() for t, lay in zip(start, layouts, strict=True)]
+        assert not params[0].is_contiguous() and not params[1].is_contiguous()
+        opt = rmsprop.RMSprop(params, **FULL, **kw)
+        for step in grads:
+            for p, g, lay in zip(params, step, layouts, strict=True):
+                p.grad = _strided_copy(g, lay)  # gradients with the parameters' layouts, as autograd makes
+            opt.step()
+        return params
+
+    ours = train()
+    assert calls == [2] * 4
+    theirs = train(foreach=True)
+    assert torch.equal(ours[1], theirs[1])  # the gapped view went to foreach itself
+    for i in (0, 2):
+        ref = run_reference(start[i].double().numpy(), [s[i].double().numpy() for s in grads], **FULL)
+        np.testing.assert_allclose(ours[i].detach().double().numpy(), ref.param, rtol=2e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="fused=True: parameter 1 .*gaps or overlaps"):
+        train(fused=True)
 
 
 def test_fused_true_refusal_happens_before_any_group_steps():
     ok = torch.randn(4, requires_grad=True)
-    view = torch.randn(5, 6).t().detach().requires_grad_()
-    opt = rmsprop.RMSprop([{"params": [ok]}, {"params": [view], "fused": True}])
-    ok.grad, view.grad = torch.ones(4), torch.ones(6, 5)
+    gapped = torch.randn(12)[::2].detach().requires_grad_()
+    opt = rmsprop.RMSprop([{"params": [ok]}, {"params": [gapped], "fused": True}])
+    ok.grad, gapped.grad = torch.ones(4), torch.ones(6)
     before = ok.detach().clone()
-    with pytest.raises(RuntimeError, match="contiguous: False.*nothing was updated"):
+    with pytest.raises(RuntimeError, match="gaps or overlaps.*nothing was updated"):
         opt.step()
     assert torch.equal(ok, before) and len(opt.state) == 0
 
@@ -160,28 +202,37 @@ def test_channels_last_params_are_fused():
 
 
 def test_mixed_dtypes_in_one_group_one_call(monkeypatch):
-    calls = []
-    original = fused_cpu._run
-    monkeypatch.setattr(fused_cpu, "_run", lambda *a, **k: (calls.append(a[1]), original(*a, **k)))
+    """Five dtypes in one group: one native call a step, and each tensor within its dtype's
+    rounding of the float64 reference — a bound tight enough that a parameter the kernel had
+    skipped would fail it (checked below)."""
+    calls = spy_kernel(monkeypatch)
     gen = torch.Generator().manual_seed(0)
-    params = [
-        torch.randn(50, generator=gen, dtype=d).requires_grad_()
-        for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64)
-    ]
+    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64)
+    params = [torch.randn(200, generator=gen, dtype=d).requires_grad_() for d in dtypes]
     grads = make_grads(params, steps=5)
-    ours, _ = run(lambda p: rmsprop.RMSprop(p, fused=True, **FULL), params, grads)
-    assert calls == [5] * 5  # five tensors, one native call per step
-    theirs, _ = run(lambda p: rmsprop.RMSprop(p, foreach=True, **FULL), params, grads)
-    tolerances = {
-        torch.float32: 1e-5,
-        torch.float64: 1e-12,
-        torch.bfloat16: 3e-2,
-        torch.float16: 5e-3,
-        torch.complex64: 1e-5,
-    }
-    for a, b in zip(ours, theirs, strict=True):
-        # bf16/fp16: foreach rounds after every op, fused once per value: they differ by a few ulps
-        torch.testing.assert_close(a, b, rtol=tolerances[a.dtype], atol=tolerances[a.dtype])
+    lr, steps = 0.05, len(grads)
+    ours, _ = run(lambda p: rmsprop.RMSprop(p, fused=True, lr=lr, **FULL), params, grads)
+    assert calls == [5] * steps
+    relative = {torch.float32: 1e-5, torch.float64: 1e-12, torch.complex64: 1e-5, **HALF_ULP}
+    for p0, p, i in zip(params, ours, range(len(params)), strict=True):
+        ref = run_reference(
+            torch.view_as_real(p0.detach()).double().numpy()
+            if p0.is_complex()
+            else p0.detach().double().numpy(),
+            [(torch.view_as_real(s[i]) if s[i].is_complex() else s[i]).double().numpy() for s in grads],
+            lr=lr,
+            **FULL,
+        )
+        got = (torch.view_as_real(p.detach()) if p.is_complex() else p.detach()).double().numpy()
+        start = (torch.view_as_real(p0.detach()) if p0.is_complex() else p0.detach()).double().numpy()
+        # each step rounds p (and the state feeding it) once: a few half-ulps of |p| per step
+        bound = 3 * steps * relative[p.dtype] * (np.abs(ref.param) + lr)
+        assert np.all(np.abs(got - ref.param) <= bound), (
+            p.dtype,
+            float(np.max(np.abs(got - ref.param) / bound)),
+        )
+        # the test can fail: the parameter moved by more than the bound on most elements
+        assert np.mean(np.abs(start - ref.param) > bound) > 0.5, p.dtype
 
 
 @pytest.mark.parametrize(
@@ -244,8 +295,8 @@ def test_grad_scaler_with_fused_matches_the_unfused_path():
 
 
 def test_missing_kernel_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(fused_cpu, "_LIB", None)
-    monkeypatch.setattr(fused_cpu, "_LOAD_ERROR", "simulated: library not built")
+    monkeypatch.setattr(native, "LIB", None)
+    monkeypatch.setattr(native, "_LOAD_ERROR", "simulated: library not built")
     monkeypatch.setattr(rmsprop.functional, "_warned_unavailable", False)
     params = make_params()
     grads = make_grads(params, steps=3)
@@ -267,7 +318,7 @@ def test_fused_refuses_what_it_cannot_do():
         rmsprop.RMSprop(make_params(), fused=True, foreach=True)
 
 
-# ----------------------------------------------------------------------------- cached plans
+# ----------------------------------------------------------------------------- the cache
 def _reference_run(params, grads, mutate):
     """The same training on the foreach path, with the same mutation applied at step 2."""
     ps = [p.detach().clone().requires_grad_() for p in params]
@@ -285,12 +336,22 @@ def _replace_state_tensor(opt, ps):
     opt.state[ps[0]]["square_avg"] = opt.state[ps[0]]["square_avg"].clone()
 
 
+def _replace_state_storage(opt, ps):
+    t = opt.state[ps[0]]["momentum_buffer"]
+    t.data = t.detach().clone()
+
+
+def _replace_step_storage(opt, ps):
+    t = opt.state[ps[1]]["step"]
+    t.data = t.detach().clone().double()
+
+
 def _replace_param_storage(opt, ps):
     ps[1].data = ps[1].data.clone()
 
 
 def _reload_state_dict(opt, ps):
-    opt.load_state_dict(opt.state_dict())
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
 
 
 def _reset_state(opt, ps):
@@ -299,18 +360,33 @@ def _reset_state(opt, ps):
 
 @pytest.mark.parametrize(
     "mutate",
-    [_replace_state_tensor, _replace_param_storage, _reload_state_dict, _reset_state],
-    ids=["state tensor replaced", "param storage replaced", "state dict reloaded", "state cleared"],
+    [
+        _replace_state_tensor,
+        _replace_state_storage,
+        _replace_step_storage,
+        _replace_param_storage,
+        _reload_state_dict,
+        _reset_state,
+    ],
+    ids=[
+        "state tensor replaced",
+        "state storage replaced",
+        "step counter replaced by a float64 one",
+        "param storage replaced",
+        "state dict reloaded",
+        "state cleared",
+    ],
 )
-def test_cached_plan_notices_every_change(mutate):
-    """The fused path caches tensor addresses; whatever the user swaps, the right tensors update."""
+def test_the_cache_notices_every_change(mutate):
+    """The fused backend remembers each group's tensors; whatever the user swaps, the right
+    tensors update."""
     params = make_params(torch.float64)
     grads = make_grads(params, steps=5)
     ps = [p.detach().clone().requires_grad_() for p in params]
-    opt = rmsprop.RMSprop(ps, **FULL)  # default: fused, with a cached plan from step 2 on
+    opt = rmsprop.RMSprop(ps, **FULL)  # default: fused, remembered from the first step on
     for t, step in enumerate(grads):
         if t == 2:
-            assert opt._step_cache._plans, "the plan should exist by now"
+            assert len(opt._fused_cache) == 1, "the cache should hold the group by now"
             mutate(opt, ps)
         for p, g in zip(ps, step, strict=True):
             p.grad = g.clone()
@@ -318,13 +394,13 @@ def test_cached_plan_notices_every_change(mutate):
     expected, expected_opt = _reference_run(params, grads, mutate)
     for a, b in zip(ps, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    for a, b in zip(ps, expected, strict=True):
-        torch.testing.assert_close(
-            opt.state[a]["square_avg"], expected_opt.state[b]["square_avg"], rtol=1e-10, atol=1e-12
-        )
+        for key in ("square_avg", "momentum_buffer", "grad_avg", "step"):
+            torch.testing.assert_close(
+                opt.state[a][key].double(), expected_opt.state[b][key].double(), rtol=1e-10, atol=1e-12
+            )
 
 
-def test_cached_plan_declines_when_a_grad_disappears():
+def test_the_cache_declines_when_a_grad_disappears():
     params = make_params(torch.float64)
     grads = make_grads(params, steps=4)
     for step in grads[2:]:
@@ -338,35 +414,30 @@ def test_cached_plan_declines_when_a_grad_disappears():
     assert opt.state[ps[0]]["step"].item() == 2 and opt.state[ps[1]]["step"].item() == 4
 
 
-def test_torch_compile_with_the_fused_op():
+def test_the_cache_does_not_travel_with_copies():
     params = make_params()
-    grads = make_grads(params, steps=3)
-    eager = [p.detach().clone().requires_grad_() for p in params]
-    compiled = [p.detach().clone().requires_grad_() for p in params]
-    eager_opt = rmsprop.RMSprop(eager, fused=True, momentum=0.9, centered=True)
-    compiled_opt = rmsprop.RMSprop(compiled, fused=True, momentum=0.9, centered=True)
-    step = torch.compile(compiled_opt.step)
-    for g in grads:
-        for p, q, gi in zip(eager, compiled, g, strict=True):
-            p.grad, q.grad = gi.clone(), gi.clone()
-        eager_opt.step()
-        step()
-    for a, b in zip(eager, compiled, strict=True):
-        assert torch.equal(a, b)  # the same kernel runs inside the opaque op
+    opt = rmsprop.RMSprop(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert len(opt._fused_cache) == 1
+    assert len(copy.deepcopy(opt)._fused_cache) == 0
+    assert len(pickle.loads(pickle.dumps(opt))._fused_cache) == 0
+
+
+def _convert(name: str, source: torch.Tensor, out: torch.Tensor) -> None:
+    keep = (native.handles([source]), native.handles([out]))
+    status = getattr(native.LIB, name)(keep[0].buffer_info()[0], keep[1].buffer_info()[0])
+    assert status == 0, status
 
 
 def test_fp16_conversions_match_torch_exhaustively():
     """The kernel's integer fp16 <-> fp32 conversions: every half loads exactly, and every
     rounding decision (each half, each midpoint between neighbours, and the floats next to
     them, both signs, inf, NaN, overflow) stores as torch's round-to-nearest-even does."""
-    import ctypes
-
-    lib = fused_cpu._LIB
     halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
     loaded = torch.empty(halves.numel(), dtype=torch.float32)
-    lib.rmsprop_f16_to_f32(
-        ctypes.c_void_p(halves.data_ptr()), ctypes.c_void_p(loaded.data_ptr()), ctypes.c_int64(halves.numel())
-    )
+    _convert("rmsprop_f16_to_f32", halves, loaded)
     expected = halves.float()
     assert torch.equal(loaded.isnan(), expected.isnan())
     finite = ~expected.isnan()
@@ -389,10 +460,17 @@ def test_fp16_conversions_match_torch_exhaustively():
     ]
     cand = torch.cat([cand, torch.tensor(extremes)]).contiguous()
     stored = torch.empty(cand.numel(), dtype=torch.float16)
-    lib.rmsprop_f32_to_f16(
-        ctypes.c_void_p(cand.data_ptr()), ctypes.c_void_p(stored.data_ptr()), ctypes.c_int64(cand.numel())
-    )
+    _convert("rmsprop_f32_to_f16", cand, stored)
     want = cand.half()
     assert torch.equal(stored.isnan(), want.isnan())
     keep = ~want.isnan()
     assert torch.equal(stored[keep].view(torch.int16), want[keep].view(torch.int16))
+
+
+def test_conversion_hooks_refuse_mismatched_tensors():
+    with pytest.raises(AssertionError):
+        _convert("rmsprop_f32_to_f16", torch.zeros(10), torch.zeros(9, dtype=torch.float16))
+    with pytest.raises(AssertionError):
+        _convert("rmsprop_f32_to_f16", torch.zeros(10), torch.zeros(10))  # wrong output dtype
+    with pytest.raises(AssertionError):
+        _convert("rmsprop_f32_to_f16", torch.zeros(20)[::2], torch.zeros(10, dtype=torch.float16))

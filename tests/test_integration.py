@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+import torch._dynamo
+from cases import NAMED
 from helpers import make_grads, make_params
 
 import rmsprop
@@ -75,15 +77,8 @@ def test_grad_scaler_skips_inf_steps_and_matches_torch():
 
 # initial_square_avg=1: centered + bias correction from v0 = 0 has a variance of exactly 0 at
 # t=1 and divides by rounding noise (see tests/test_reference.py), which no two programs agree on.
-COMPILE_OPTIONS = {
-    "lr": 0.01,
-    "momentum": 0.9,
-    "centered": True,
-    "nesterov": True,
-    "eps_in_sqrt": True,
-    "bias_correction": True,
-    "initial_square_avg": 1.0,
-}
+COMPILE_OPTIONS = {"lr": 0.01, **NAMED["everything"], "maximize": False, "decoupled_weight_decay": False,
+                   "weight_decay": 0.0}  # fmt: skip
 
 
 def test_foreach_step_traces_as_one_graph_without_breaks():
@@ -197,3 +192,110 @@ def test_cli_demo_prints_ten_epochs():
         check=True,
     ).stdout
     assert "Epoch [3/3], Loss:" in out
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def _compiled_training(make_optimizer, steps=3, scheduler=False):
+    """Compile a whole training step (zero_grad, forward, backward, step) and count the graphs
+    dynamo makes over ``steps`` steps, and the custom-op nodes in them."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 1))
+    opt = make_optimizer(model.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.9) if scheduler else None
+    X, y = torch.randn(32, 10), torch.randn(32, 1)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    @torch.compile(backend=backend)
+    def train_step():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(X), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(steps):
+        train_step()
+        if sched is not None:
+            sched.step()
+    ops = sum(1 for g in graphs for n in g.graph.nodes if "rmsprop.fused_step" in str(n.target))
+    return len(graphs), ops, opt
+
+
+def _groups(params, **kw):
+    params = list(params)
+    return [{"params": params[:2], **kw}, {"params": params[2:], "momentum": 0.5}]
+
+
+COMPILE_CASES = {
+    "default": ({}, False),
+    "momentum+centered": (NAMED["momentum+centered"], False),
+    "tensor lr and a scheduler": ({"lr": torch.tensor(0.01)}, True),
+    "float lr and a scheduler": ({"lr": 0.01}, True),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPILE_CASES))
+def test_a_compiled_training_step_has_no_more_graphs_than_with_torch(case):
+    kwargs, scheduler = COMPILE_CASES[case]
+    ours, ops, _ = _compiled_training(lambda p: rmsprop.RMSprop(p, **kwargs), scheduler=scheduler)
+    theirs, _, _ = _compiled_training(lambda p: torch.optim.RMSprop(p, **kwargs), scheduler=scheduler)
+    assert ours <= theirs, (ours, theirs)
+    assert ops >= 1  # the fused kernel is in the graph, not a fallback
+
+
+def test_a_tensor_lr_scheduler_causes_no_recompile():
+    plain, _, _ = _compiled_training(lambda p: rmsprop.RMSprop(p, lr=torch.tensor(0.01)))
+    scheduled, _, opt = _compiled_training(
+        lambda p: rmsprop.RMSprop(p, lr=torch.tensor(0.01)), scheduler=True
+    )
+    assert scheduled == plain
+    assert opt.param_groups[0]["lr"].item() == pytest.approx(0.01 * 0.9**3)
+
+
+def test_two_groups_compile_like_torch():
+    ours, ops, _ = _compiled_training(lambda p: rmsprop.RMSprop(_groups(p)))
+    theirs, _, _ = _compiled_training(lambda p: torch.optim.RMSprop(_groups(p)))
+    assert ours <= theirs and ops >= 1
+
+
+def test_the_custom_op_runs_on_every_compiled_step(monkeypatch):
+    """Steps 1-3 of a compiled step each run the kernel through the custom op (whose
+    implementation calls kernel.prepare without a cache), never the eager path."""
+    from rmsprop.backends.fused_cpu import kernel
+
+    through_op = []
+    original = kernel.prepare
+
+    def spy(*args, **kwargs):
+        through_op.append(kwargs["cache"] is None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "prepare", spy)
+    graphs, ops, opt = _compiled_training(lambda p: rmsprop.RMSprop(p, momentum=0.9), steps=3)
+    assert through_op == [True] * 3
+    assert ops >= 1 and len(opt._fused_cache) == 0
+    assert all(s["step"].item() == 3 for s in opt.state.values())
+
+
+def test_compiled_fused_step_equals_eager_bit_for_bit():
+    """The same kernel runs inside the opaque op: compiling only opt.step changes no bit."""
+    params = make_params()
+    grads = make_grads(params, steps=3)
+    eager = [p.detach().clone().requires_grad_() for p in params]
+    compiled = [p.detach().clone().requires_grad_() for p in params]
+    eager_opt = rmsprop.RMSprop(eager, fused=True, **NAMED["momentum+centered"])
+    compiled_opt = rmsprop.RMSprop(compiled, fused=True, **NAMED["momentum+centered"])
+    torch._dynamo.reset()
+    step = torch.compile(compiled_opt.step)
+    for g in grads:
+        for p, q, gi in zip(eager, compiled, g, strict=True):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        eager_opt.step()
+        step()
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.equal(a, b)

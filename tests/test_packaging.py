@@ -19,6 +19,7 @@ import pytest
 
 import rmsprop
 from rmsprop.backends import fused_cpu
+from rmsprop.backends.fused_cpu import native
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_BUILT = "the fused CPU kernel was NOT built"
@@ -126,7 +127,7 @@ def _elf_section_names(path: Path) -> set[str]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the ELF check reads a Linux build")
 def test_the_compiled_kernel_has_no_debug_info_or_static_symbols():
-    path = Path(fused_cpu._LIB._name)
+    path = Path(native.LIB._name)
     sections = _elf_section_names(path)
     assert ".text" in sections and ".dynsym" in sections  # the parser reads real headers
     assert not {s for s in sections if s.startswith(".debug")}, sorted(sections)

@@ -15,7 +15,6 @@ import pytest
 import torch
 from peers import keras_rmsprop, optax_rmsprop, tf1_documented, timm_rmsprop
 
-import rmsprop
 from rmsprop import PRESETS, from_preset
 
 RTOL, ATOL = 1e-10, 1e-12
@@ -40,28 +39,36 @@ def ours(preset: str, param, grads, **overrides) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- hand-checked numbers
-# One step from theta = 1 with g = 0.5, computed by hand from each framework's documented formula:
-#   torch:      v = 0.01 * 0.25 = 0.0025;  theta = 1 - 0.01 * 0.5 / (0.05 + 1e-8)
-#   tensorflow: ms = 1 + (0.25 - 1) * 0.1 = 0.925;  theta = 1 - 1e-3 * 0.5 / sqrt(0.925 + 1e-10)
-#   keras:      v = 0.1 * 0.25 = 0.025;  theta = 1 - 1e-3 * 0.5 / sqrt(0.025 + 1e-7)
-#   optax:      nu = 0.025;  theta = 1 - 1e-3 * 0.5 / sqrt(0.025 + 1e-8)
-#   timm:       v = 0.925;  theta = 1 - 1e-2 * 0.5 / sqrt(0.925 + 1e-10)
-#   seed:       E[g^2] = 0.025;  theta = 1 - 1e-3 * 0.5 / sqrt(0.025 + 1e-8)
+# One step from theta = 1 with g = 0.5, written straight from each framework's documented
+# formula and evaluated in float64 (v0 = 0 unless the framework starts it at 1):
 HAND_CHECKED = {
-    "torch": 0.90000002,  # 1 - 0.005 / 0.05000001
-    "tensorflow": 0.99948012,  # 1 - 0.0005 / 0.96176881
-    "keras": 0.99683773,  # 1 - 0.0005 / 0.15811420 (eps 1e-7)
-    "optax": 0.99683772,  # 1 - 0.0005 / 0.15811391 (eps 1e-8)
-    "timm": 0.99480125,  # 1 - 0.005 / 0.96176881
-    "seed": 0.99683772,
+    "torch": 1 - 0.01 * 0.5 / (math.sqrt((1 - 0.99) * 0.25) + 1e-8),  # eps outside the root
+    "tensorflow": 1 - 1e-3 * 0.5 / math.sqrt(1 + (0.25 - 1) * (1 - 0.9) + 1e-10),  # ms starts at 1
+    "keras": 1 - 1e-3 * 0.5 / math.sqrt((1 - 0.9) * 0.25 + 1e-7),
+    "optax": 1 - 1e-3 * 0.5 / math.sqrt((1 - 0.9) * 0.25 + 1e-8),
+    "timm": 1 - 1e-2 * 0.5 / math.sqrt(1 + (0.25 - 1) * (1 - 0.9) + 1e-10),
+    "seed": 1 - 1e-3 * 0.5 / math.sqrt((1 - 0.9) * 0.25 + 1e-8),
 }
+# A few float64 ulps of 1 (the implementations order the same operations differently); the
+# nearest wrong answers are 4e-10 away (eps 1e-7 for 1e-8 inside the root) and 1e-8 away (eps
+# outside the root instead of inside).
+HAND_RTOL = 1e-15
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_one_step_hand_checked(name):
     assert name in HAND_CHECKED, "every preset needs a hand-checked number"
     result = ours(name, np.array([1.0]), [np.array([0.5])])
-    assert result[0] == pytest.approx(HAND_CHECKED[name], abs=1e-8)
+    assert result[0] == pytest.approx(HAND_CHECKED[name], rel=HAND_RTOL, abs=0)
+
+
+def test_hand_checked_numbers_tell_the_flavours_apart():
+    """The tolerance above is far below the distance between the flavours it must tell apart."""
+    values = sorted(set(HAND_CHECKED.values()))
+    assert abs(HAND_CHECKED["keras"] - HAND_CHECKED["optax"]) > 1e5 * HAND_RTOL
+    eps_outside = 1 - 1e-3 * 0.5 / (math.sqrt((1 - 0.9) * 0.25) + 1e-8)
+    assert abs(eps_outside - HAND_CHECKED["seed"]) > 1e5 * HAND_RTOL
+    assert len(values) == 5  # optax and seed are the same formula; all others differ
 
 
 def test_presets_are_records_with_peers_and_deviations():
@@ -228,4 +235,3 @@ def test_a_peer_difference_really_shows():
     assert not np.allclose(
         ours("keras", start, grads, lr=0.01, alpha=0.99, eps=1e-8), ours("torch", start, grads)
     )
-    assert isinstance(rmsprop.RMSprop, type)

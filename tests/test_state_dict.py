@@ -9,31 +9,14 @@ import pickle
 
 import pytest
 import torch
+from cases import NAMED
 from helpers import make_grads, make_params
 
 import rmsprop
 
-EXTENSIONS = {
-    "plain": {},
-    "eps_in_sqrt": {"eps_in_sqrt": True},
-    "nesterov": {"momentum": 0.9, "nesterov": True},
-    "decoupled": {"weight_decay": 0.1, "decoupled_weight_decay": True},
-    "lr_in_momentum": {"momentum": 0.9, "lr_in_momentum": True},
-    "initial_square_avg": {"initial_square_avg": 1.0},
-    "bias_correction": {"bias_correction": True, "centered": True, "initial_square_avg": 0.5},
-    "everything": {
-        "momentum": 0.9,
-        "centered": True,
-        "weight_decay": 0.1,
-        "maximize": True,
-        "eps_in_sqrt": True,
-        "nesterov": True,
-        "decoupled_weight_decay": True,
-        "lr_in_momentum": True,
-        "initial_square_avg": 1.0,
-        "bias_correction": True,
-    },
-}
+# the options a checkpoint must carry: one case per extension, and all of them at once
+EXTENSIONS = {k: NAMED[k] for k in ("plain", "eps_in_sqrt", "nesterov", "decoupled", "lr_in_momentum",
+                                    "initial_square_avg", "full", "everything")}  # fmt: skip
 
 
 def _drive(opt, params, grads, lrs=None):

@@ -1,47 +1,26 @@
 """Bit-exact parity with torch.optim.RMSprop on its whole option table, both paths, all dtypes.
 
-The option list follows torch's own ``optim_inputs_func_rmsprop`` (torch.testing._internal.
-common_optimizers) plus tensor lr, momentum alone and the combinations torch's table skips.
+The option cases are tests/cases.py's TORCH_CASES: torch's own ``optim_inputs_func_rmsprop``
+plus tensor lr, momentum alone and the combinations torch's table skips.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from cases import TORCH_CASES
 from helpers import assert_states_equal, make_grads, make_params, run
 
 import rmsprop
 
-TORCH_TABLE = {
-    "default": {},
-    "non-default lr": {"lr": 1e-3},
-    "nonzero weight_decay": {"weight_decay": 0.1},
-    "maximize": {"maximize": True},
-    "centered": {"weight_decay": 0.1, "centered": True},
-    "maximize, weight_decay": {"maximize": True, "weight_decay": 0.1},
-    "momentum": {"weight_decay": 0.1, "centered": True, "momentum": 0.1},
-    "maximize, centered, weight_decay, w/ momentum": {
-        "weight_decay": 0.1,
-        "centered": True,
-        "momentum": 0.1,
-        "maximize": True,
-    },
-    # beyond torch's table
-    "momentum alone": {"momentum": 0.9},
-    "centered alone": {"centered": True},
-    "seed example": {"lr": 0.01, "alpha": 0.9, "eps": 1e-8},
-    "alpha 0": {"alpha": 0.0, "momentum": 0.5},
-    "tensor lr": {"lr": torch.tensor(0.003)},
-    "tensor lr, momentum, centered": {"lr": torch.tensor(0.003), "momentum": 0.9, "centered": True},
-}
 DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("desc", list(TORCH_TABLE))
+@pytest.mark.parametrize("desc", list(TORCH_CASES))
 def test_bit_identical_to_torch(desc, dtype, foreach):
-    kwargs = TORCH_TABLE[desc]
+    kwargs = TORCH_CASES[desc]
     params = make_params(dtype)
     grads = make_grads(params, steps=12)
     ours, our_opt = run(lambda p: rmsprop.RMSprop(p, foreach=foreach, **kwargs), params, grads)

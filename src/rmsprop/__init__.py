@@ -1,4 +1,5 @@
-"""rmsprop: RMSProp for PyTorch — bit-exact with torch.optim.RMSprop, every published variant.
+"""rmsprop: RMSProp for PyTorch — torch.optim.RMSprop's interface, bit-exact on torch's paths
+(``fused=False``), a fused CPU kernel by default, and every published variant.
 
 >>> import rmsprop
 >>> optimizer = rmsprop.RMSprop(model.parameters(), lr=0.01, alpha=0.9, eps=1e-8)  # doctest: +SKIP

@@ -1,35 +1,56 @@
 """Functional RMSProp: the one seam where a backend is chosen.
 
-:class:`rmsprop.RMSprop` gathers lists of tensors and calls :func:`rmsprop`; backends plug in
-here and nowhere else.
+:class:`rmsprop.RMSprop` gathers lists of tensors and calls :func:`rmsprop` (or, to validate
+several groups before updating any, :func:`prepare` for each and then the returned steps);
+backends plug in here and nowhere else.
 
-Choice, per group:
-- ``fused=True``: the fused CPU kernel for every tensor, or a RuntimeError saying why not.
-- ``fused=None`` with ``foreach=None`` (the default): the fused kernel for the tensors it supports
-  (CPU, float32/64, bfloat16, complex; dense), foreach for the rest (float16 too: foreach is
-  faster there). If the native library is missing, foreach, with one warning naming the cause.
+Choice, per call:
+
+- ``fused=True``: the fused CPU kernel for every tensor, or a RuntimeError saying which tensor it
+  cannot take and why — before anything is written.
+- ``fused=None`` with ``foreach=None`` (the default): the fused kernel for the CPU tensors it
+  takes (float32/64, bfloat16, complex; dense layouts), torch's foreach path for the rest
+  (float16 too: foreach is faster there). A call without CPU tensors never consults the kernel.
+  If the native library is missing, foreach, with one warning naming the cause.
 - ``fused=False`` or an explicit ``foreach``: the torch-op paths, bit-identical to torch
   (``foreach=True``: multi-tensor; ``False``: per-tensor; ``None``: what torch would pick).
+
+Every path validates its inputs before its first write, so a call that raises has changed
+nothing: list lengths and the lists the rule needs, the lr (a number or a one-element tensor,
+used like torch's ``_to_scalar``), each gradient and state tensor against its parameter (sizes,
+dtype, device, dense layout), and inference tensors outside inference mode.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _default_to_fused_or_foreach
+from torch.optim.optimizer import _default_to_fused_or_foreach, _get_capturable_supported_devices
 
 from .backends import fused_cpu
 from .backends.foreach import rmsprop_foreach
+from .backends.fused_cpu import FusedCache
 from .backends.single import rmsprop_single
 from .rule import Rule
 
-__all__ = ["rmsprop", "StepCache", "fused_refusal"]
+__all__ = ["rmsprop", "prepare", "FusedCache"]
 
 Backend = Callable[..., None]
+Lists = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
+_LIST_NAMES = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")
+_SHAPE, _DTYPE, _DEVICE, _LAYOUT = (operator.attrgetter(a) for a in ("shape", "dtype", "device", "layout"))
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _warned_unavailable = False
+
+
+def _nothing() -> None:
+    return None
 
 
 def _warn_unavailable_once() -> None:
@@ -40,8 +61,96 @@ def _warn_unavailable_once() -> None:
             f"rmsprop: the fused CPU kernel is unavailable ({fused_cpu.load_error()}); "
             "using the foreach path instead",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
+
+
+def _check_arguments(lists: Lists, lr, rule, grad_scale, found_inf) -> float | Tensor:
+    """The structure of a call, checked before anything else; returns the lr as torch's paths
+    use it (a one-element tensor squeezed to 0-d)."""
+    if not isinstance(rule, Rule):
+        raise TypeError(f"rule must be a rmsprop.rule.Rule, got {type(rule).__name__}")
+    for name, lst in zip(_LIST_NAMES, lists, strict=True):
+        if not isinstance(lst, (list, tuple)):
+            raise TypeError(f"{name} must be a list of tensors, got {type(lst).__name__}")
+    n = len(lists[0])
+    needed = {"grads": True, "square_avgs": True, "steps": True,
+              "grad_avgs": rule.centered, "momentum_buffers": rule.momentum > 0}  # fmt: skip
+    for name, lst in zip(_LIST_NAMES[1:], lists[1:], strict=True):
+        if needed[name] and len(lst) != n:
+            raise ValueError(
+                f"{name} has {len(lst)} tensors for {n} parameters"
+                + (f" (the rule needs {name})" if name in ("grad_avgs", "momentum_buffers") else "")
+            )
+        if not needed[name] and lst and len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} tensors for {n} parameters")
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        lr = lr.squeeze() if lr.dim() != 0 else lr
+    elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"Invalid learning rate: {lr!r} (a finite number >= 0 or a 1-element tensor)")
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (not isinstance(t, Tensor) or t.numel() != 1):
+            raise ValueError(f"{name} must be a one-element tensor or None")
+    return lr
+
+
+def _check_torch_tensors(lists: Lists, capturable: bool) -> None:
+    """What torch's op paths would trip over half-way through a step, checked before it starts:
+    each gradient and state tensor must match its parameter's sizes, dtype and device; gradients
+    must be dense; step counters must be tensors; and nothing written may be an inference tensor
+    outside inference mode."""
+    params, grads = lists[0], lists[1]
+    if not params:
+        return
+    if capturable:
+        supported = _get_capturable_supported_devices()
+        bad = next((p.device for p in params if p.device.type not in supported), None)
+        if bad is not None:
+            raise RuntimeError(
+                f"capturable=True requires parameters on a capturable device ({supported}), got {bad}; "
+                "nothing was updated"
+            )
+    if not all(map(operator.is_, map(_LAYOUT, grads), [torch.strided] * len(grads))):
+        i = next(i for i, g in enumerate(grads) if g.layout is not torch.strided)
+        raise RuntimeError(
+            "RMSprop does not support sparse gradients "
+            f"(parameter {i} of shape {tuple(params[i].shape)} has a {grads[i].layout} .grad); nothing was updated"
+        )
+    shapes, dtypes, devices = list(map(_SHAPE, params)), list(map(_DTYPE, params)), list(map(_DEVICE, params))
+    for name, lst in zip(_LIST_NAMES[1:5], lists[1:5], strict=True):
+        if not lst:
+            continue
+        for what, mine, theirs in (
+            ("shape", list(map(_SHAPE, lst)), shapes),
+            ("dtype", list(map(_DTYPE, lst)), dtypes),
+            ("device", list(map(_DEVICE, lst)), devices),
+        ):
+            if mine != theirs:
+                i = next(i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b)
+                item = "gradient" if name == "grads" else f"state tensor {name[:-1]}"
+                raise RuntimeError(
+                    f"parameter {i}: its {item} has {what} {_show(mine[i])}, the parameter {_show(theirs[i])}; "
+                    "nothing was updated"
+                )
+    steps = lists[5]
+    if not all(isinstance(s, Tensor) and s.numel() == 1 for s in steps):
+        i = next(i for i, s in enumerate(steps) if not (isinstance(s, Tensor) and s.numel() == 1))
+        raise RuntimeError(
+            f"parameter {i}: its step counter must be a one-element tensor; nothing was updated"
+        )
+    if not torch.is_inference_mode_enabled():
+        for lst in (params, *lists[2:]):
+            if lst and any(map(Tensor.is_inference, lst)):
+                raise RuntimeError(
+                    "Inplace update to inference tensor outside InferenceMode is not allowed: a parameter "
+                    "or its optimizer state is an inference tensor; nothing was updated"
+                )
+
+
+def _show(value) -> str:
+    return str(tuple(value)) if isinstance(value, torch.Size) else str(value)
 
 
 def _torch_op_backend(params: list[Tensor], foreach: bool | None, differentiable: bool) -> Backend:
@@ -50,27 +159,38 @@ def _torch_op_backend(params: list[Tensor], foreach: bool | None, differentiable
     return rmsprop_foreach if foreach else rmsprop_single
 
 
-def _run_torch_ops(
-    backend: Backend, lists: tuple[list[Tensor], ...], grad_scale, found_inf, **kwargs
-) -> None:
+def _torch_step(lists: Lists, backend: Backend, grad_scale, found_inf, **kwargs) -> Callable[[], None]:
     """A torch-op backend with GradScaler's contract: skip on inf, else unscale the grads in place
     by the float32 reciprocal of the scale, exactly as GradScaler.unscale_ does."""
-    if found_inf is not None and found_inf.item() != 0:
-        return
-    params, grads = lists[0], lists[1]
-    if grad_scale is not None and grads:
-        inv_scale = grad_scale.double().reciprocal().float()
-        torch._foreach_mul_(grads, inv_scale.to(grads[0].device))
-    if params:
+    if not torch.compiler.is_compiling():
+        _check_torch_tensors(lists, kwargs["capturable"])
+    if backend is rmsprop_foreach and kwargs["differentiable"]:
+        raise ValueError("foreach=True does not support differentiable=True; use foreach=False")
+
+    def run() -> None:
+        if found_inf is not None and found_inf.item() != 0:
+            return
+        grads = lists[1]
+        if grad_scale is not None and grads:
+            inv_scale = grad_scale.double().reciprocal().float()
+            torch._foreach_mul_(grads, inv_scale.to(grads[0].device))
+        if any(map(Tensor.is_conj, grads)) or any(map(Tensor.is_neg, grads)):
+            # torch's paths view complex tensors as real, which a lazily conjugated gradient
+            # refuses: the math reads a resolved copy (the gradient itself is only read)
+            grads = [g.resolve_conj().resolve_neg() for g in grads]
+            backend(lists[0], grads, *lists[2:], **kwargs)
+            return
         backend(*lists, **kwargs)
 
+    return run
 
-def _local_shards(lists: tuple[list[Tensor], ...]) -> tuple[list[Tensor], ...]:
+
+def _local_shards(lists: Lists) -> Lists:
     """The lists with each DTensor parameter (and its gradient and state) replaced by the local
     shards, when all of them share one mesh and placement: elementwise math on matching shards
     is the math on the whole. Others are left as they are (and go to foreach)."""
     params = lists[0]
-    if all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params):
+    if all(type(p) in _PLAIN for p in params):
         return lists
     from torch.distributed.tensor import DTensor
 
@@ -87,45 +207,128 @@ def _local_shards(lists: tuple[list[Tensor], ...]) -> tuple[list[Tensor], ...]:
             out[0][i] = p.to_local()
             for lst in per_param:
                 lst[i] = lst[i].to_local()
-    return out
+    return out  # type: ignore[return-value]
 
 
-def _split(lists: tuple[list[Tensor], ...], by_default: bool) -> tuple[list[int], list[int]]:
-    """Indices of the tensors the fused kernel takes, and of the others."""
-    params, grads, square_avgs, grad_avgs, momentum_buffers, _ = lists
-    fused, other = [], []
-    for i, (p, g, v) in enumerate(zip(params, grads, square_avgs, strict=True)):
-        states = [v]
-        if grad_avgs:
-            states.append(grad_avgs[i])
-        if momentum_buffers:
-            states.append(momentum_buffers[i])
-        (fused if fused_cpu.eligible(p, g, states, by_default=by_default) else other).append(i)
-    return fused, other
+def _subset(lists: Lists, indices: list[int]) -> Lists:
+    return tuple([lst[i] for i in indices] if lst else [] for lst in lists)  # type: ignore[return-value]
 
 
-def fused_refusal(params: list[Tensor], grads: list[Tensor]) -> str | None:
-    """Why ``fused=True`` cannot step these parameters, or None; checked before any update.
+def prepare(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    rule: Rule,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    differentiable: bool = False,
+    capturable: bool = False,
+    has_complex: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    cache: FusedCache | None = None,
+    check_now: bool = True,
+) -> Callable[[], None]:
+    """Validate one RMSProp step over these lists and return the function that applies it.
 
-    State tensors are not needed here: they are created like their parameter, and
-    load_state_dict gives loaded ones the parameter's dtype and shape.
+    Arguments as for :func:`rmsprop`. Everything that could make the step raise is checked here
+    (with ``check_now=False`` the fused kernel's own checks run inside the returned step, which
+    still writes nothing unless they pass); the returned step raises only on a failure no check
+    can foresee.
     """
-    if not fused_cpu.is_available():
-        return f"fused=True: the fused CPU kernel is unavailable: {fused_cpu.load_error()}"
-    local_params, local_grads = _local_shards((params, grads, [], [], [], []))[:2]
-    for p, lp, lg in zip(params, local_params, local_grads, strict=True):
-        if not fused_cpu.eligible(lp, lg, []):
-            return (
-                "fused=True supports dense CPU tensors of dtype float32, float64, bfloat16, float16 "
-                "or complex whose gradient and state share the parameter's dtype and layout; got a "
-                f"parameter of type {type(p).__name__}, dtype {p.dtype} on {p.device} "
-                f"(contiguous: {p.is_contiguous()}). Use fused=None to route such tensors to foreach."
+    lists: Lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
+    if torch.compiler.is_compiling():
+        return _compiled(lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf)
+    lr = _check_arguments(lists, lr, rule, grad_scale, found_inf)
+    if not params:
+        return _nothing
+    kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
+    wants_fused = fused is True or (
+        fused is None and foreach is None and not differentiable and not capturable
+    )
+    if fused is True and (differentiable or capturable):
+        raise RuntimeError(
+            "fused=True does not support " + ("differentiable=True" if differentiable else "capturable=True")
+        )
+
+    def torch_path(chosen: Lists, backend: Backend | None = None) -> Callable[[], None]:
+        chosen_complex = any(torch.is_complex(p) for p in chosen[0])  # has_complex is only a hint
+        backend = backend or rmsprop_foreach  # foreach for CPU leftovers too: faster than a loop
+        return _torch_step(chosen, backend, grad_scale, found_inf, has_complex=chosen_complex, **kwargs)
+
+    if wants_fused:
+        on_cpu = params[0].is_cpu or any(p.is_cpu for p in params)
+        if not on_cpu:
+            if fused:
+                raise RuntimeError(
+                    f"fused=True: the fused kernel steps CPU tensors; the parameters are on {params[0].device}"
+                )
+        elif not fused_cpu.is_available():
+            if fused:
+                raise RuntimeError(
+                    f"fused=True: the fused CPU kernel is unavailable: {fused_cpu.load_error()}"
+                )
+            _warn_unavailable_once()
+        else:
+            kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.DEFAULT_KINDS
+            local = _local_shards(lists)
+            return fused_cpu.prepare(
+                local,
+                lr=float(lr),
+                rule=rule,
+                kinds=kinds,
+                required=bool(fused),
+                cache=cache,
+                torch_path=lambda indices: torch_path(_subset(lists, indices)),
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                check_now=check_now,
             )
-    return None
+        return torch_path(lists)
+    return torch_path(lists, _torch_op_backend(params, foreach, differentiable))
 
 
-def _subset(lists: tuple[list[Tensor], ...], indices: list[int]) -> tuple[list[Tensor], ...]:
-    return tuple([lst[i] for i in indices] if lst else [] for lst in lists)
+def _compiled(lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf):
+    """Under torch.compile: plain, traceable code. The kernel's share is decided from what dynamo
+    guards on (device, dtype, contiguity) and goes through the custom op, whose implementation
+    validates everything again at run time; the rest takes torch's op paths."""
+    params = lists[0]
+    kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
+    # dynamo traces every optimizer with capturable=True (its note "torch.compile x capturable"),
+    # which means nothing to a CPU kernel: only the user's own choices decide here
+    wants_fused = fused is True or (fused is None and foreach is None and not differentiable)
+    chosen, rest = [], list(range(len(params)))
+    kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.DEFAULT_KINDS
+    if wants_fused and fused_cpu.is_available():
+        per_param = [lst for lst in lists[1:5] if lst]
+        chosen, rest = [], []
+        for i, p in enumerate(params):
+            ok = fused_cpu.compile_eligible(p, [lst[i] for lst in per_param], kinds) and lists[5][i].is_cpu
+            (chosen if ok else rest).append(i)
+    if fused is True and rest:
+        raise RuntimeError(f"fused=True: parameter {rest[0]} cannot be stepped by the fused kernel")
+    backend = rmsprop_foreach if wants_fused else _torch_op_backend(params, foreach, differentiable)
+    rest_lists = lists if not chosen else _subset(lists, rest)
+    has_complex = any(torch.is_complex(params[i]) for i in rest)
+
+    def run() -> None:
+        if chosen:
+            kernel_lists = lists if not rest else _subset(lists, chosen)
+            fused_cpu.compiled_step(
+                kernel_lists, lr=lr, rule=rule, kinds=kinds, grad_scale=grad_scale, found_inf=found_inf
+            )
+        if rest:
+            if found_inf is not None or grad_scale is not None:
+                _torch_step(rest_lists, backend, grad_scale, found_inf, has_complex=has_complex, **kwargs)()
+            else:
+                backend(*rest_lists, has_complex=has_complex, **kwargs)
+
+    return run
 
 
 def rmsprop(
@@ -145,81 +348,20 @@ def rmsprop(
     has_complex: bool = False,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
-) -> bool:
+    cache: FusedCache | None = None,
+) -> None:
     r"""Apply one RMSProp step (see :class:`rmsprop.rule.Rule` for the formula) in place.
 
     ``grad_avgs`` is empty unless ``rule.centered``; ``momentum_buffers`` is empty unless
     ``rule.momentum > 0``; ``steps`` are the per-parameter step counters (tensors), incremented.
     ``grad_scale`` / ``found_inf`` follow torch.amp.GradScaler's contract for optimizers with
     ``_step_supports_amp_scaling``: grads are divided by the scale, and nothing happens (steps
-    included) when ``found_inf`` is nonzero. Returns True when the fused kernel did every tensor.
+    included) when ``found_inf`` is nonzero. ``cache``: a :class:`FusedCache` kept by the caller
+    across steps (the fused kernel then revalidates cheaply instead of from scratch). Raises
+    before writing anything when an input is invalid (see the module docstring).
     """
-    lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
-    kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
-
-    wants_fused = fused is True or (
-        fused is None and foreach is None and not differentiable and not capturable
-    )
-    if wants_fused and not fused_cpu.is_available():
-        if fused:
-            raise RuntimeError(f"fused=True: the fused CPU kernel is unavailable: {fused_cpu.load_error()}")
-        _warn_unavailable_once()
-        _run_torch_ops(rmsprop_foreach, lists, grad_scale, found_inf, has_complex=has_complex, **kwargs)
-        return False
-    if not wants_fused:
-        backend = _torch_op_backend(params, foreach, differentiable)
-        _run_torch_ops(backend, lists, grad_scale, found_inf, has_complex=has_complex, **kwargs)
-        return False
-
-    local = _local_shards(lists)
-    fused_indices, other_indices = _split(local, by_default=fused is None)
-    if fused and other_indices:  # the optimizer checks this before any group is touched
-        i = other_indices[0]
-        raise RuntimeError(fused_refusal([params[i]], [grads[i]]) or "fused=True: unsupported state tensors")
-    if fused_indices:
-        fused_lists = local if not other_indices else _subset(local, fused_indices)
-        fused_cpu.rmsprop_fused(*fused_lists, grad_scale=grad_scale, found_inf=found_inf, **kwargs)
-    if other_indices:
-        rest = _subset(lists, other_indices)
-        rest_complex = any(torch.is_complex(p) for p in rest[0])
-        # foreach for CPU leftovers too: on CPU it is still faster than a per-tensor loop
-        _run_torch_ops(rmsprop_foreach, rest, grad_scale, found_inf, has_complex=rest_complex, **kwargs)
-    return not other_indices
-
-
-def _dispatch_flags(group: dict) -> tuple:
-    return (group["foreach"], group["fused"], group["differentiable"], group["capturable"])
-
-
-class StepCache:
-    """Per-optimizer cache of fused-step plans (:class:`fused_cpu.FusedPlan`), one per group.
-
-    Purely a speed-up for groups of many small tensors: a plan re-checks everything it relies on
-    each step and declines when anything changed, and the optimizer then takes the general path.
-    """
-
-    def __init__(self) -> None:
-        self._plans: dict[int, tuple[dict, tuple, fused_cpu.FusedPlan]] = {}
-
-    def clear(self) -> None:
-        self._plans.clear()
-
-    def prepare(self, group: dict, state: dict, rule: Rule) -> Callable[..., None] | None:
-        """The group's cached fused step, validated now, if it still applies (see
-        FusedPlan.prepare); call it with (lr, grad_scale, found_inf)."""
-        entry = self._plans.get(id(group))
-        if entry is None or entry[0] is not group or entry[1] != _dispatch_flags(group):
-            return None
-        return entry[2].prepare(group["params"], state, rule)
-
-    def remember(self, group: dict, state: dict, lists: tuple[list[Tensor], ...]) -> None:
-        """After a step in which the fused kernel did the whole group, keep a plan for it."""
-        params = lists[0]
-        self._plans.pop(id(group), None)
-        if len(params) != len(group["params"]):
-            return  # some parameters had no gradient: their set may change, keep it general
-        if any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in params):
-            return  # DTensors and other subclasses: unwrapped afresh each step on the general path
-        plan = fused_cpu.FusedPlan.build(*lists, state_dicts=[state[p] for p in params])
-        if plan is not None:
-            self._plans[id(group)] = (group, _dispatch_flags(group), plan)
+    prepare(
+        params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
+        lr=lr, rule=rule, foreach=foreach, fused=fused, differentiable=differentiable, capturable=capturable,
+        has_complex=has_complex, grad_scale=grad_scale, found_inf=found_inf, cache=cache, check_now=False,
+    )()  # fmt: skip

@@ -1,58 +1,46 @@
-"""rmsprop.RMSprop: torch.optim.RMSprop, bit for bit, plus every published RMSProp variant."""
+"""rmsprop.RMSprop: torch.optim.RMSprop's interface and behaviour, plus every published variant.
+
+The class validates options where they enter, owns the param groups and the state (created
+lazily), gathers each group's tensors and hands them to :func:`rmsprop.functional.prepare`. It
+knows nothing about kernels: the fused backend's memory between steps is an opaque
+:class:`~rmsprop.backends.fused_cpu.FusedCache` it carries for it.
+"""
 
 from __future__ import annotations
 
 import operator
 from itertools import repeat
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import (
-    Optimizer,
-    ParamsT,
-    _get_capturable_supported_devices,
-    _get_scalar_dtype,
-    _use_grad_for_differentiable,
-)
+from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype, _use_grad_for_differentiable
 
-from .functional import StepCache, fused_refusal, rmsprop
-from .rule import Rule, validate_hyperparameters
+from . import functional
+from .checkpoint import prepare_state_dict
+from .options import DEFAULTS, OPTIONS, migrate_group, validate_group
+from .rule import Rule
 
 __all__ = ["RMSprop"]
 
-_GRAD, _LAYOUT = operator.attrgetter("grad"), operator.attrgetter("layout")
-
-# Group keys this library adds to torch's; torch checkpoints lack them, so they get these values.
-_EXTENSION_DEFAULTS: dict[str, Any] = {
-    "fused": None,
-    "eps_in_sqrt": False,
-    "nesterov": False,
-    "decoupled_weight_decay": False,
-    "lr_in_momentum": False,
-    "initial_square_avg": 0.0,
-    "bias_correction": False,
+_GRAD = operator.attrgetter("grad")
+_STATE_GETTERS = {
+    key: operator.methodcaller("get", key) for key in ("step", "square_avg", "grad_avg", "momentum_buffer")
 }
-# Optional torch keys, with the values torch.optim.RMSprop.__setstate__ gives old checkpoints.
-_TORCH_DEFAULTS: dict[str, Any] = {
-    "momentum": 0,
-    "centered": False,
-    "foreach": None,
-    "maximize": False,
-    "differentiable": False,
-    "capturable": False,
-}
+_NO_STATE = MappingProxyType({})
+D = DEFAULTS
 
 
 class RMSprop(Optimizer):
     r"""RMSProp, a drop-in for :class:`torch.optim.RMSprop` with every published variant.
 
-    With only torch's arguments, results are bit-identical to ``torch.optim.RMSprop`` on the same
-    path (``foreach=False``: per-tensor, ``foreach=True``: multi-tensor, or ``fused=False``: what
-    torch picks); by default CPU tensors take the fused kernel, equal to those paths up to
-    rounding, in one pass over memory. The state dict has
-    torch's keys and layout (``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``), so
-    checkpoints move both ways.
+    With only torch's arguments and ``fused=False`` (or an explicit ``foreach``), results and the
+    state dict are bit-identical to ``torch.optim.RMSprop`` on the same path (``foreach=False``:
+    per-tensor, ``foreach=True``: multi-tensor). By default CPU tensors take the fused kernel, one
+    pass over memory: it rounds once per value instead of once per op, so it equals those paths
+    up to float rounding, not bit for bit. The state dict has torch's keys and layout (``step``,
+    ``square_avg``, ``momentum_buffer``, ``grad_avg``), so checkpoints move both ways.
 
     The update, for gradient :math:`g_t` and step :math:`t`:
 
@@ -77,8 +65,9 @@ class RMSprop(Optimizer):
             :math:`\sqrt{v - m^2}` (Graves, 2013), :math:`m` the running mean gradient; the
             variance is clamped at 0 so rounding never yields NaN.
         capturable, foreach, maximize, differentiable: as in torch.optim.RMSprop.
-        fused: ``None`` (default) uses the fused CPU kernel wherever it supports the tensors;
-            ``True`` forces it (RuntimeError where it cannot); ``False`` keeps torch's op paths.
+        fused: ``None`` (default) uses the fused CPU kernel wherever it takes the tensors;
+            ``True`` forces it (RuntimeError, before anything is written, where it cannot);
+            ``False`` keeps torch's op paths.
         eps_in_sqrt: use :math:`\sqrt{v+\epsilon}` instead of :math:`\sqrt{v}+\epsilon`.
         nesterov: Nesterov momentum: apply :math:`u + \mu b` instead of :math:`b`
             (needs ``momentum > 0``).
@@ -93,65 +82,38 @@ class RMSprop(Optimizer):
             With ``centered`` and :math:`v_0 = 0`, the corrected variance at :math:`t=1` is
             :math:`g^2 - g^2 = 0`, so the first update is :math:`g/\epsilon` (optax behaves the
             same): prefer ``initial_square_avg > 0`` or a larger ``eps`` with that combination.
+
+    Every option is declared once, in :data:`rmsprop.options.OPTIONS`, and checked where it
+    enters (here, ``add_param_group``, ``load_state_dict``) for type and value: numpy scalars
+    work; strings, and tensors where a number is needed, raise at once.
     """
 
     def __init__(
         self,
         params: ParamsT,
-        lr: float | Tensor = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        momentum: float = 0,
-        centered: bool = False,
-        capturable: bool = False,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        differentiable: bool = False,
+        lr: float | Tensor = D["lr"],
+        alpha: float = D["alpha"],
+        eps: float = D["eps"],
+        weight_decay: float = D["weight_decay"],
+        momentum: float = D["momentum"],
+        centered: bool = D["centered"],
+        capturable: bool = D["capturable"],
+        foreach: bool | None = D["foreach"],
+        maximize: bool = D["maximize"],
+        differentiable: bool = D["differentiable"],
         *,
-        fused: bool | None = None,
-        eps_in_sqrt: bool = False,
-        nesterov: bool = False,
-        decoupled_weight_decay: bool = False,
-        lr_in_momentum: bool = False,
-        initial_square_avg: float = 0.0,
-        bias_correction: bool = False,
+        fused: bool | None = D["fused"],
+        eps_in_sqrt: bool = D["eps_in_sqrt"],
+        nesterov: bool = D["nesterov"],
+        decoupled_weight_decay: bool = D["decoupled_weight_decay"],
+        lr_in_momentum: bool = D["lr_in_momentum"],
+        initial_square_avg: float = D["initial_square_avg"],
+        bias_correction: bool = D["bias_correction"],
     ) -> None:
-        validate_hyperparameters(
-            lr=lr,
-            alpha=alpha,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            nesterov=nesterov,
-            initial_square_avg=initial_square_avg,
-            bias_correction=bias_correction,
-        )
-        if fused and foreach:
-            raise RuntimeError("fused=True and foreach=True cannot both be set")
-        if fused and differentiable:
-            raise RuntimeError("fused=True does not support differentiable=True")
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "alpha": alpha,
-            "eps": eps,
-            "centered": centered,
-            "weight_decay": weight_decay,
-            "capturable": capturable,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-            "fused": fused,
-            "eps_in_sqrt": eps_in_sqrt,
-            "nesterov": nesterov,
-            "decoupled_weight_decay": decoupled_weight_decay,
-            "lr_in_momentum": lr_in_momentum,
-            "initial_square_avg": initial_square_avg,
-            "bias_correction": bias_correction,
-        }
+        arguments = locals()
+        defaults = validate_group({o.name: arguments[o.name] for o in OPTIONS})
         super().__init__(params, defaults)
-        self._step_cache = StepCache()
+        self._fused_cache = functional.FusedCache()
 
     @property
     def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
@@ -162,28 +124,20 @@ class RMSprop(Optimizer):
         return any(group.get("fused") is True for group in getattr(self, "param_groups", ()))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch's, but the group's own hyperparameters are validated before it is added."""
-        merged = {**self.defaults, **param_group}
-        validate_hyperparameters(
-            lr=merged["lr"],
-            alpha=merged["alpha"],
-            eps=merged["eps"],
-            weight_decay=merged["weight_decay"],
-            momentum=merged["momentum"],
-            nesterov=merged["nesterov"],
-            initial_square_avg=merged["initial_square_avg"],
-            bias_correction=merged["bias_correction"],
-        )
-        super().add_param_group(param_group)
+        """As torch's, but the group's options are checked (type, value, and against each other,
+        with the defaults filling the rest) before it is added."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        checked = validate_group({**self.defaults, **param_group})
+        super().add_param_group({**param_group, **{k: checked[k] for k in param_group if k in checked}})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._step_cache = StepCache()  # plans hold raw addresses: never carried over
+        self._fused_cache = functional.FusedCache()  # raw addresses: never carried over
+        self.param_groups = [migrate_group(group, {**DEFAULTS, **group}) for group in self.param_groups]
         for group in self.param_groups:
-            for key, value in {**_TORCH_DEFAULTS, **_EXTENSION_DEFAULTS}.items():
-                group.setdefault(key, value)
             for p in group["params"]:
-                p_state = self.state.get(p, [])
+                p_state = self.state.get(p, {})
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
                     step_val = float(p_state["step"])
                     p_state["step"] = (
@@ -192,96 +146,95 @@ class RMSprop(Optimizer):
                         else torch.tensor(step_val, dtype=_get_scalar_dtype())
                     )
 
-    # ------------------------------------------------------------------ validation before mutation
-
-    def _check_step_inputs(self) -> dict[int, Any]:
-        """Raise before any tensor is touched, so a bad step leaves every group unchanged.
-
-        Afterwards every gradient is a strided (dense) tensor; the backends rely on it. Returns,
-        by group id, the cached fused steps validated on the way (their plans prove everything
-        the fused=True refusal would check, so that check is skipped for them).
-        """
-        ready: dict[int, Any] = {}
-        for group in self.param_groups:
-            grads = [g for g in map(_GRAD, group["params"]) if g is not None]
-            if not all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided))):
-                bad = next(g for g in grads if g.layout is not torch.strided)
-                raise RuntimeError(
-                    "RMSprop does not support sparse gradients "
-                    f"(a parameter of shape {tuple(bad.shape)} has a {bad.layout} .grad); nothing was updated"
-                )
-            if group["capturable"] and not torch.compiler.is_compiling():
-                devices = _get_capturable_supported_devices()
-                bad = next((p.device.type for p in group["params"] if p.device.type not in devices), None)
-                if bad is not None:
-                    raise RuntimeError(
-                        f"capturable=True requires parameters on a capturable device ({devices}), "
-                        f"got {bad}; nothing was updated"
-                    )
-            run = self._step_cache.prepare(group, self.state, Rule.from_group(group))
-            if run is not None:
-                ready[id(group)] = run
-            elif group["fused"]:
-                with_grad = [p for p in group["params"] if p.grad is not None]
-                reason = fused_refusal(with_grad, [p.grad for p in with_grad])
-                if reason is not None:
-                    raise RuntimeError(f"{reason}; nothing was updated")
-        return ready
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, after checking every state tensor against its parameter.
-
-        torch checks only the number of groups and parameters; this also checks that each state
-        tensor exists where the saved options need it, has the parameter's shape, and a dtype of
-        the same kind (floating state is cast to the parameter's float dtype, as torch does, so
-        a checkpoint moves between precisions). On any mismatch it raises ValueError and the
-        optimizer is left as it was.
-        """
-        groups = self.param_groups
-        saved_groups = state_dict.get("param_groups")
-        saved_state = state_dict.get("state")
-        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
-            raise ValueError("state_dict must have a 'param_groups' list and a 'state' dict")
-        if len(groups) != len(saved_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(groups)}"
-            )
-        for gi, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"group {gi}: the loaded state dict has {len(saved['params'])} parameters, "
-                    f"the optimizer has {len(group['params'])}"
-                )
-            for param, pid in zip(group["params"], saved["params"], strict=True):
-                entry = saved_state.get(pid)
-                if entry:
-                    _check_param_state(entry, param, saved, where=f"group {gi}, parameter id {pid}")
-        # torch replaces each group with the saved one. A checkpoint without "fused" (torch's own)
-        # says nothing about the kernel, so the group keeps the choice it was built with; missing
-        # algorithm switches take their torch values (False) in __setstate__.
-        state_dict = {
-            **state_dict,
-            "param_groups": [
-                saved if "fused" in saved else {**saved, "fused": group["fused"]}
-                for group, saved in zip(groups, saved_groups, strict=True)
-            ],
-        }
-        super().load_state_dict(state_dict)
-        self._step_cache.clear()
+        """As torch's, after checking everything (see :mod:`rmsprop.checkpoint`): each group's
+        options, each state tensor against its parameter (floating state of another precision
+        is cast to the parameter's, as torch does), each step counter. On any problem it raises
+        and the optimizer is left as it was. A torch checkpoint (no ``fused`` key) keeps the
+        kernel choice this optimizer was built with."""
+        super().load_state_dict(prepare_state_dict(self.param_groups, state_dict))
+        self._fused_cache.clear()
 
     # ------------------------------------------------------------------ the step
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        square_avgs: list[Tensor],
-        momentum_buffers: list[Tensor],
-        grad_avgs: list[Tensor],
-        steps: list[Tensor],
-    ) -> bool:
-        """Gather the group's tensors (creating state lazily); return whether any is complex."""
+    def _new_state(self, group: dict[str, Any], p: Tensor, state: Any) -> dict[str, Any]:
+        """``state`` completed with what the group's options need (all of it for a new
+        parameter; a buffer an option switched on later starts at zero)."""
+        state = dict(state)
+        if "step" not in state:
+            device = p.device if group["capturable"] else None
+            state["step"] = torch.zeros((), dtype=_get_scalar_dtype(), device=device)
+        if "square_avg" not in state:
+            sq = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["initial_square_avg"] != 0:
+                # Complex parameters are updated as (real, imag) pairs: both start at v0.
+                (torch.view_as_real(sq) if sq.is_complex() else sq).fill_(group["initial_square_avg"])
+            state["square_avg"] = sq
+        if group["momentum"] > 0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["centered"] and "grad_avg" not in state:
+            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _gather(
+        self, group: dict[str, Any], created: dict[Tensor, dict[str, Any]]
+    ) -> tuple[list[Tensor], ...]:
+        """The group's lists; state a parameter lacks is created into ``created``, not yet into
+        ``self.state`` (so a step that raises leaves no half-built state behind)."""
+        wanted = ["step", "square_avg"]
+        if group["momentum"] > 0:
+            wanted.append("momentum_buffer")
+        if group["centered"]:
+            wanted.append("grad_avg")
+        if torch.compiler.is_compiling():
+            lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
+            self._init_group(group, *lists)
+            return lists
+        columns = self._gather_eager(group, wanted, created)
+        return (
+            columns["params"],
+            columns["grads"],
+            columns["square_avg"],
+            columns.get("grad_avg", []),
+            columns.get("momentum_buffer", []),
+            columns["step"],
+        )
+
+    def _gather_eager(self, group, wanted, created) -> dict[str, list]:
+        # map() over C-level getters: no bytecode per tensor, which matters for thousands of
+        # them; `None` is found by identity (`None in grads` would compare tensors elementwise)
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        if any(map(operator.is_, grads, repeat(None))):
+            params = [p for p in params if p.grad is not None]
+            grads = list(map(_GRAD, params))
+        else:
+            params = list(params)
+        states = list(map(self.state.get, params, repeat(_NO_STATE)))
+        try:  # the steady state: every parameter has all it needs
+            columns = {key: list(map(operator.itemgetter(key), states)) for key in wanted}
+        except KeyError:
+            columns = {key: list(map(_STATE_GETTERS[key], states)) for key in wanted}
+            for i, p in enumerate(params):
+                if any(columns[key][i] is None for key in wanted):
+                    created[p] = new = self._new_state(group, p, states[i])
+                    for key in wanted:
+                        columns[key][i] = new[key]
+        return {"params": params, "grads": grads, **columns}
+
+    def _init_group(self, group, params, grads, square_avgs, grad_avgs, momentum_buffers, steps) -> bool:
+        """torch's hook, by torch's name and signature: append the group's tensors to the lists,
+        creating missing state at once. Under torch.compile, dynamo runs a method of this name
+        eagerly at trace time and guards on the state it made (as for torch's optimizers), so
+        the first step's graph is the steady state's. Returns whether any parameter is complex."""
+        wanted = ["step", "square_avg"] + (["momentum_buffer"] if group["momentum"] > 0 else [])
+        wanted += ["grad_avg"] if group["centered"] else []
+        columns = {
+            "step": steps,
+            "square_avg": square_avgs,
+            "momentum_buffer": momentum_buffers,
+            "grad_avg": grad_avgs,
+        }
         has_complex = False
         for p in group["params"]:
             if p.grad is None:
@@ -289,34 +242,16 @@ class RMSprop(Optimizer):
             has_complex |= torch.is_complex(p)
             params.append(p)
             grads.append(p.grad)
-
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = (
-                    torch.zeros((), dtype=_get_scalar_dtype(), device=p.device)
-                    if group["capturable"]
-                    else torch.zeros((), dtype=_get_scalar_dtype())
-                )
-                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["initial_square_avg"] != 0:
-                    # Complex parameters are updated as (real, imag) pairs: both start at v0.
-                    sq = state["square_avg"]
-                    (torch.view_as_real(sq) if sq.is_complex() else sq).fill_(group["initial_square_avg"])
-                if group["momentum"] > 0:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["centered"]:
-                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            square_avgs.append(state["square_avg"])
-            steps.append(state["step"])
-            if group["momentum"] > 0:
-                momentum_buffers.append(state["momentum_buffer"])
-            if group["centered"]:
-                grad_avgs.append(state["grad_avg"])
+            state = self.state.get(p, _NO_STATE)
+            if any(key not in state for key in wanted):
+                state = self.state[p] = self._new_state(group, p, state)
+            for key in wanted:
+                columns[key].append(state[key])
         return has_complex
 
     @_use_grad_for_differentiable
     def step(self, closure=None):  # type: ignore[override]
-        """Perform a single optimization step.
+        """Perform a single optimization step: every group is validated before any is updated.
 
         Args:
             closure (Callable, optional): re-evaluates the model and returns the loss.
@@ -328,81 +263,35 @@ class RMSprop(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        ready = self._check_step_inputs()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            cached_step = ready.get(id(group))
-            if cached_step is not None:
-                cached_step(group["lr"], grad_scale, found_inf)
-                continue
-            rule = Rule.from_group(group)
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            square_avgs: list[Tensor] = []
-            grad_avgs: list[Tensor] = []
-            momentum_buffers: list[Tensor] = []
-            steps: list[Tensor] = []
-            has_complex = self._init_group(
-                group, params, grads, square_avgs, momentum_buffers, grad_avgs, steps
-            )
-            if not params:
-                continue
-            all_fused = rmsprop(
-                params,
-                grads,
-                square_avgs,
-                grad_avgs,
-                momentum_buffers,
-                steps,
+        created: dict[Tensor, dict[str, Any]] = {}
+        work = [(group, self._gather(group, created)) for group in self.param_groups]
+        work = [(group, lists) for group, lists in work if lists[0]]
+        # One group validates inside its own call (nothing of the step is written before);
+        # several are all validated first, so that a bad one leaves every group unchanged.
+        single = len(work) == 1
+        steps = [
+            functional.prepare(
+                *lists,
                 lr=group["lr"],
-                rule=rule,
+                rule=Rule.from_group(group),
                 foreach=group["foreach"],
                 fused=group["fused"],
                 differentiable=group["differentiable"],
                 capturable=group["capturable"],
-                has_complex=has_complex,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
+                cache=self._fused_cache,
+                check_now=not single,
             )
-            if all_fused:
-                lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
-                self._step_cache.remember(group, self.state, lists)
+            for group, lists in work
+        ]
+        if single:
+            steps[0]()
+            self.state.update(created)
+        else:
+            self.state.update(created)
+            for run in steps:
+                run()
         return loss
-
-
-def _check_param_state(entry: dict[str, Any], param: Tensor, saved_group: dict[str, Any], where: str) -> None:
-    """Raise ValueError unless ``entry`` is a usable RMSprop state for ``param``."""
-    needed = ["step", "square_avg"]
-    if saved_group.get("momentum", 0) > 0:
-        needed.append("momentum_buffer")
-    if saved_group.get("centered", False):
-        needed.append("grad_avg")
-    missing = [k for k in needed if k not in entry]
-    if missing:
-        raise ValueError(f"{where}: the state lacks {missing}, which its saved options need")
-    for key in ("square_avg", "momentum_buffer", "grad_avg"):
-        if key not in entry:
-            continue
-        value = entry[key]
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{where}: state['{key}'] is a {type(value).__name__}, not a tensor")
-        if value.shape != param.shape:
-            raise ValueError(
-                f"{where}: state['{key}'] has shape {tuple(value.shape)}, "
-                f"the parameter has shape {tuple(param.shape)}"
-            )
-        same_kind = (
-            value.is_complex() == param.is_complex()
-            and value.is_floating_point() == param.is_floating_point()
-        )
-        if not same_kind:
-            raise ValueError(
-                f"{where}: state['{key}'] has dtype {value.dtype}, "
-                f"which cannot hold state for a {param.dtype} parameter"
-            )
-        if param.is_complex() and value.dtype != param.dtype:
-            raise ValueError(
-                f"{where}: state['{key}'] has dtype {value.dtype}, the parameter {param.dtype} "
-                "(torch does not cast complex state)"
-            )

@@ -1,10 +1,17 @@
 /*
  * Fused RMSProp for CPU tensors: one pass over memory per element, all of a group's tensors in
- * one call, split across threads.
+ * one call, split across threads — behind a boundary that trusts nothing it is handed.
  *
- * Plain C ABI (loaded with ctypes; no Python or torch headers), so the package builds with any C
- * compiler and starts instantly. The caller passes a table of tensors (data pointers, element
- * count, dtype code) and the rule; see rmsprop/backends/fused_cpu.py for the Python side.
+ * Plain C ABI (loaded with ctypes; no Python or torch headers at build time), so the package
+ * builds with any C compiler and starts instantly. The caller passes, per tensor, the address of
+ * its TensorImpl (Tensor._cdata); everything about the tensor — data pointer, element count,
+ * dtype, device, layout, sizes, strides — is read here, at call time, through torch's stable C
+ * shim (the torch_* / aoti_torch_* functions AOTInductor artefacts use; the loader resolves them
+ * in libtorch and hands them over in rmsprop_init). Nothing Python says about a tensor's memory
+ * can therefore be stale: a tensor resized, re-dtyped or given new storage since the last step is
+ * seen as it is now. An AtenTensorHandle is an at::Tensor*, and an at::Tensor is one pointer to
+ * its TensorImpl, so the address of a slot holding a TensorImpl* is a valid handle; the loader
+ * checks that on a probe tensor before enabling the kernel.
  *
  * Per element, with M the math type (float for fp32/bf16/fp16 storage, double for fp64):
  *   g  = grad * inv_grad_scale * sign                  (sign = -1 when maximize)
@@ -22,6 +29,12 @@
  * decay or bias correction, whose factors are then skipped) are compile-time constants: 48
  * specialised loops per dtype. lr_in_momentum only changes k_buf / k_par, exact either way.
  *
+ * Fail closed: every tensor of every record is validated (present, CPU, strided, dense, the
+ * parameter's dtype, sizes and strides; the step counter a one-element f32/f64 CPU tensor) and no
+ * memory written by the step may overlap any other memory the step touches — all before the
+ * first write. The `restrict` promises of the element loops rest on that overlap check. On any
+ * failure nothing is written, the per-record status says why, and an error code is returned.
+ *
  * Threads: each of T threads takes a 1/T slice of every tensor. The threads are torch's own
  * OpenMP pool when the caller hands us its GOMP_parallel entry point (rmsprop_use_openmp): its
  * workers are already running and warm, and no second pool competes with torch's for the cores.
@@ -30,32 +43,166 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define RMS_ABI_VERSION 1
+#define RMS_ABI_VERSION 2
 
-enum { RMS_F32 = 0, RMS_F64 = 1, RMS_BF16 = 2, RMS_F16 = 3 };
-enum { RMS_OK = 0, RMS_BAD_DTYPE = -1, RMS_NO_MEMORY = -2, RMS_BAD_THREADS = -3 };
+/* Element kinds of a record (storage dtype); complex tensors are (re, im) pairs of f32 / f64. */
+enum { RMS_F32 = 0, RMS_F64 = 1, RMS_BF16 = 2, RMS_F16 = 3, RMS_C64 = 4, RMS_C128 = 5, RMS_KINDS = 6 };
 
-/* One tensor of the group: addresses (0 when the state is unused), element count, and
- * dtype code: low byte = element dtype, second byte = step counter dtype (0 f32, 1 f64). */
+/* Return codes of rmsprop_step (>= 0: nothing went wrong). */
+enum {
+    RMS_OK = 0,           /* stepped */
+    RMS_SKIPPED = 1,      /* found_inf was nonzero: nothing written */
+    RMS_CHANGED = 2,      /* RMS_REQUIRE_UNCHANGED and a persistent tensor moved: nothing written */
+    RMS_BAD_ARGUMENT = -1,
+    RMS_NO_MEMORY = -2,
+    RMS_NOT_INITIALISED = -3,
+    RMS_INVALID = -4,     /* some record failed validation: see the status array; nothing written */
+    RMS_BAD_SCALAR = -5,  /* grad_scale / found_inf is not a one-element f32 CPU tensor */
+};
+
+/* Per-record status: reason in the low 4 bits, which tensor in the next 3. */
+enum {
+    RMS_ST_MISSING = 1,      /* a tensor the rule needs is absent */
+    RMS_ST_TORCH = 2,        /* torch's shim refused to describe it (e.g. no storage) */
+    RMS_ST_DEVICE = 3,       /* not a CPU tensor */
+    RMS_ST_LAYOUT = 4,       /* not strided (sparse, mkldnn, ...) */
+    RMS_ST_DTYPE = 5,        /* a dtype the kernel does not take, or another than the parameter's */
+    RMS_ST_NOT_DENSE = 6,    /* the parameter's memory has gaps or self-overlaps */
+    RMS_ST_SHAPE = 7,        /* sizes or strides differ from the parameter's */
+    RMS_ST_STEP = 8,         /* the step counter is not a one-element f32/f64 tensor */
+    RMS_ST_OVERLAP = 9,      /* shares memory with another tensor this step touches */
+    RMS_ST_NOT_CHOSEN = 10,  /* supported, but excluded by the caller's dtype mask */
+    RMS_ST_DIMS = 11,        /* more than RMS_MAX_DIMS dimensions */
+};
+enum { RMS_T_PARAM = 0, RMS_T_GRAD = 1, RMS_T_SQUARE_AVG = 2, RMS_T_GRAD_AVG = 3, RMS_T_MOMENTUM = 4, RMS_T_STEP = 5 };
+#define RMS_STATUS(reason, which) ((int8_t)((reason) | ((which) << 4)))
+#define RMS_MAX_DIMS 64
+
+/* Modes of rmsprop_step. */
+enum {
+    RMS_MODE_CHECK = 0,           /* validate and report per record; write nothing */
+    RMS_MODE_RUN = 1,             /* validate, then step */
+    RMS_MODE_STREAM = 2,          /* benchmark: the memory traffic of a plain fp32 step */
+};
+#define RMS_REQUIRE_UNCHANGED 0x100 /* with RUN: refuse (RMS_CHANGED) if a persistent tensor moved */
+
+/* ------------------------------------------------------------------ torch's stable C shim */
+typedef int32_t (*rms_ptr_fn)(void *tensor, void **out);
+typedef int32_t (*rms_i64_fn)(void *tensor, int64_t *out);
+typedef int32_t (*rms_i32_fn)(void *tensor, int32_t *out);
+typedef int32_t (*rms_arr_fn)(void *tensor, int64_t **out);
+
 typedef struct {
-    int64_t param, grad, square_avg, grad_avg, momentum_buffer, step, numel, dtype;
-} rms_tensor;
+    int64_t struct_size;              /* sizeof(rms_torch_api), checked in rmsprop_init */
+    rms_ptr_fn mutable_data_ptr;      /* torch_get_mutable_data_ptr (materialises copy-on-write) */
+    rms_ptr_fn const_data_ptr;        /* torch_get_const_data_ptr */
+    rms_i64_fn numel, dim;            /* aoti_torch_get_numel, aoti_torch_get_dim */
+    rms_i32_fn dtype, device_type, layout;
+    rms_arr_fn sizes, strides;
+    int32_t dtype_code[RMS_KINDS];    /* torch's ScalarType codes for f32, f64, bf16, f16, c64, c128 */
+    int32_t device_cpu, layout_strided;
+} rms_torch_api;
 
+static rms_torch_api g_api;
+static atomic_int g_api_ready = 0;
+
+/* ------------------------------------------------------------------ the caller's structs */
+/* One column per list: n TensorImpl addresses (NULL column: the list is absent). */
 typedef struct {
-    double lr, alpha, eps, weight_decay, momentum;
-    int32_t centered, maximize, eps_in_sqrt, nesterov;
-    int32_t decoupled_weight_decay, lr_in_momentum, bias_correction, has_momentum;
-    /* NULL, or a float32 scalar: grads are multiplied by its reciprocal and written back. */
-    const float *grad_scale;
-    /* NULL, or a float32 scalar: when nonzero the step is skipped and nothing is written. */
-    const float *found_inf;
-} rms_rule;
+    const int64_t *param, *grad, *square_avg, *grad_avg, *momentum_buffer, *step;
+} rms_lists;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* The rule, field for field the Python option table's Rule (hyperparameters as double, switches
+ * as int32, in the table's order); the loader compares this layout with its ctypes twin. */
+typedef struct {
+    double lr;
+    double alpha, eps, weight_decay, momentum;
+    int32_t centered, maximize, eps_in_sqrt, nesterov, decoupled_weight_decay, lr_in_momentum,
+        bias_correction;
+    int32_t mode;        /* RMS_MODE_* | RMS_REQUIRE_UNCHANGED */
+    int32_t dtype_mask;  /* bit k: element kind k may be stepped */
+    int32_t write_back;  /* with grad_scale: store the unscaled gradient, as GradScaler.unscale_ */
+    const int64_t *grad_scale; /* NULL or one TensorImpl address: a one-element f32 CPU tensor */
+    const int64_t *found_inf;  /* NULL or the same: when nonzero the step is skipped */
+} rms_call;
+
+/* A validated record: resolved addresses, element count (complex: float pairs), kinds. Also the
+ * memory of the previous step for RMS_REQUIRE_UNCHANGED. */
+typedef struct {
+    void *p, *g, *v, *m, *b, *step;
+    int64_t numel;
+    int32_t kind, step_kind; /* step_kind: 0 f32, 1 f64 */
+    int64_t valid;
+} rms_record;
+
+/* ------------------------------------------------------------------ layout export (ABI check) */
+typedef struct {
+    const char *name;
+    int64_t offset, size;
+} rms_field;
+#define RMS_FIELD(S, f) {#f, (int64_t)offsetof(S, f), (int64_t)sizeof(((S *)0)->f)}
+static const rms_field call_fields[] = {
+    RMS_FIELD(rms_call, lr),          RMS_FIELD(rms_call, alpha),
+    RMS_FIELD(rms_call, eps),         RMS_FIELD(rms_call, weight_decay),
+    RMS_FIELD(rms_call, momentum),    RMS_FIELD(rms_call, centered),
+    RMS_FIELD(rms_call, maximize),    RMS_FIELD(rms_call, eps_in_sqrt),
+    RMS_FIELD(rms_call, nesterov),    RMS_FIELD(rms_call, decoupled_weight_decay),
+    RMS_FIELD(rms_call, lr_in_momentum), RMS_FIELD(rms_call, bias_correction),
+    RMS_FIELD(rms_call, mode),        RMS_FIELD(rms_call, dtype_mask),
+    RMS_FIELD(rms_call, write_back),  RMS_FIELD(rms_call, grad_scale),
+    RMS_FIELD(rms_call, found_inf),
+};
+static const rms_field lists_fields[] = {
+    RMS_FIELD(rms_lists, param),      RMS_FIELD(rms_lists, grad),
+    RMS_FIELD(rms_lists, square_avg), RMS_FIELD(rms_lists, grad_avg),
+    RMS_FIELD(rms_lists, momentum_buffer), RMS_FIELD(rms_lists, step),
+};
+static const rms_field api_fields[] = {
+    RMS_FIELD(rms_torch_api, struct_size),      RMS_FIELD(rms_torch_api, mutable_data_ptr),
+    RMS_FIELD(rms_torch_api, const_data_ptr),   RMS_FIELD(rms_torch_api, numel),
+    RMS_FIELD(rms_torch_api, dim),              RMS_FIELD(rms_torch_api, dtype),
+    RMS_FIELD(rms_torch_api, device_type),      RMS_FIELD(rms_torch_api, layout),
+    RMS_FIELD(rms_torch_api, sizes),            RMS_FIELD(rms_torch_api, strides),
+    RMS_FIELD(rms_torch_api, dtype_code),       RMS_FIELD(rms_torch_api, device_cpu),
+    RMS_FIELD(rms_torch_api, layout_strided),
+};
+
+int32_t rmsprop_abi_version(void) { return RMS_ABI_VERSION; }
+
+/* which: 0 rms_call, 1 rms_lists, 2 rms_torch_api. Returns the field table and its length;
+ * *struct_size gets sizeof the struct. */
+const rms_field *rmsprop_layout(int32_t which, int64_t *count, int64_t *struct_size) {
+    switch (which) {
+    case 0: *count = sizeof call_fields / sizeof *call_fields; *struct_size = sizeof(rms_call); return call_fields;
+    case 1: *count = sizeof lists_fields / sizeof *lists_fields; *struct_size = sizeof(rms_lists); return lists_fields;
+    case 2: *count = sizeof api_fields / sizeof *api_fields; *struct_size = sizeof(rms_torch_api); return api_fields;
+    default: *count = 0; *struct_size = 0; return NULL;
+    }
+}
+/* Forward declarations for the memo's layout (defined with the overlap check below). */
+typedef struct rms_span_s rms_span;
+static int64_t memo_bytes(int64_t n);
+/* Bytes of the caller's memo for n records (see rmsprop_step). */
+int64_t rmsprop_memo_size(int64_t n) { return n < 0 ? -1 : memo_bytes(n); }
+
+/* Install torch's shim functions. Returns 0, or -1 when the struct does not match or a function
+ * is missing (the kernel then stays unavailable). */
+int32_t rmsprop_init(const rms_torch_api *api) {
+    if (!api || api->struct_size != (int64_t)sizeof(rms_torch_api)) return -1;
+    if (!api->mutable_data_ptr || !api->const_data_ptr || !api->numel || !api->dim || !api->dtype ||
+        !api->device_type || !api->layout || !api->sizes || !api->strides)
+        return -1;
+    g_api = *api;
+    atomic_store(&g_api_ready, 1);
+    return 0;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(RMS_SANITIZE)
 #define RMS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define RMS_CLONES
@@ -117,12 +264,268 @@ RMS_INLINE uint16_t f16_store(float f) { /* round to nearest even */
     return (uint16_t)(h | sign);
 }
 
-/* Test hooks: the conversions above, over arrays. */
-void rmsprop_f16_to_f32(const uint16_t *in, float *out, int64_t n) {
-    for (int64_t i = 0; i < n; i++) out[i] = f16_load(in[i]);
+/* ------------------------------------------------------------------ tensor validation */
+typedef struct {
+    void *ptr;
+    int64_t numel, dim;
+    const int64_t *sizes, *strides;
+    int32_t kind; /* RMS_F32.. or -1 for a dtype the kernel does not take */
+    int32_t contiguous_order; /* 1 when strides are the row-major contiguous ones */
+} rms_view;
+
+static int32_t kind_of(int32_t torch_dtype) {
+    for (int32_t k = 0; k < RMS_KINDS; k++)
+        if (g_api.dtype_code[k] == torch_dtype) return k;
+    return -1;
 }
-void rmsprop_f32_to_f16(const float *in, uint16_t *out, int64_t n) {
-    for (int64_t i = 0; i < n; i++) out[i] = f16_store(in[i]);
+static size_t kind_size(int32_t kind) {
+    switch (kind) {
+    case RMS_F32: return 4;
+    case RMS_F64: return 8;
+    case RMS_BF16: case RMS_F16: return 2;
+    case RMS_C64: return 8;
+    default: return 16;
+    }
+}
+
+/* Bytes of one stored value of a record (complex records count (re, im) values). */
+static size_t storage_size(int32_t kind) {
+    return kind == RMS_F64 || kind == RMS_C128 ? 8 : kind == RMS_F32 || kind == RMS_C64 ? 4 : 2;
+}
+
+/* Describe one tensor; 0 or the status reason. */
+static int describe(const int64_t *slot, int writable, rms_view *out) {
+    if (!slot || !*slot) return RMS_ST_MISSING;
+    void *h = (void *)slot; /* the address of a TensorImpl* is an at::Tensor* */
+    int32_t device, layout, dtype;
+    if (g_api.device_type(h, &device) || g_api.layout(h, &layout) || g_api.dtype(h, &dtype)) return RMS_ST_TORCH;
+    if (device != g_api.device_cpu) return RMS_ST_DEVICE;
+    if (layout != g_api.layout_strided) return RMS_ST_LAYOUT;
+    if (g_api.numel(h, &out->numel) || g_api.dim(h, &out->dim)) return RMS_ST_TORCH;
+    if (out->numel < 0 || out->dim < 0) return RMS_ST_TORCH;
+    if (out->dim > RMS_MAX_DIMS) return RMS_ST_DIMS;
+    int64_t *sizes = NULL, *strides = NULL;
+    if (g_api.sizes(h, &sizes) || g_api.strides(h, &strides)) return RMS_ST_TORCH;
+    if (out->dim > 0 && (!sizes || !strides)) return RMS_ST_TORCH;
+    out->sizes = sizes;
+    out->strides = strides;
+    out->kind = kind_of(dtype);
+    out->ptr = NULL;
+    if (out->numel > 0) {
+        void *ptr = NULL;
+        if (writable ? g_api.mutable_data_ptr(h, &ptr) : g_api.const_data_ptr(h, &ptr)) return RMS_ST_TORCH;
+        if (!ptr) return RMS_ST_TORCH;
+        out->ptr = ptr;
+    }
+    int64_t expected = 1;
+    out->contiguous_order = 1;
+    for (int64_t d = out->dim - 1; d >= 0; d--) {
+        if (sizes[d] < 0) return RMS_ST_TORCH;
+        if (sizes[d] != 1 && strides[d] != expected) out->contiguous_order = 0;
+        expected *= sizes[d];
+    }
+    return 0;
+}
+
+/* True when the tensor's elements tile exactly numel consecutive elements: a permutation of the
+ * contiguous layout (channels-last, a transposed weight, ...). Such a tensor's memory is
+ * [ptr, ptr + numel * size): the kernel walks memory, not indices. */
+static int dense(const rms_view *t) {
+    if (t->contiguous_order || t->numel == 0) return 1;
+    int64_t order[RMS_MAX_DIMS];
+    int64_t n = 0;
+    for (int64_t d = 0; d < t->dim; d++)
+        if (t->sizes[d] != 1) order[n++] = d;
+    for (int64_t i = 1; i < n; i++) { /* insertion sort of the dimensions by stride */
+        int64_t x = order[i], j = i - 1;
+        while (j >= 0 && t->strides[order[j]] > t->strides[x]) { order[j + 1] = order[j]; j--; }
+        order[j + 1] = x;
+    }
+    int64_t expected = 1;
+    for (int64_t i = 0; i < n; i++) {
+        if (t->strides[order[i]] != expected) return 0;
+        expected *= t->sizes[order[i]];
+    }
+    return 1;
+}
+
+/* Same sizes, and the same strides wherever a size is not 1 (only those place elements). */
+static int same_shape(const rms_view *a, const rms_view *b) {
+    if (a->dim != b->dim || a->numel != b->numel) return 0;
+    for (int64_t d = 0; d < a->dim; d++) {
+        if (a->sizes[d] != b->sizes[d]) return 0;
+        if (a->sizes[d] != 1 && a->strides[d] != b->strides[d]) return 0;
+    }
+    return 1;
+}
+
+/* Validate record t and fill rec; returns 0 or a status. */
+static int8_t validate_record(const rms_lists *L, int64_t t, const rms_call *call, rms_record *rec) {
+    rms_view p, other;
+    int r = describe(L->param ? &L->param[t] : NULL, 1, &p);
+    if (r) return RMS_STATUS(r, RMS_T_PARAM);
+    if (p.kind < 0) return RMS_STATUS(RMS_ST_DTYPE, RMS_T_PARAM);
+    if (!dense(&p)) return RMS_STATUS(RMS_ST_NOT_DENSE, RMS_T_PARAM);
+    rec->p = p.ptr;
+    rec->kind = p.kind;
+    rec->numel = p.numel * ((p.kind == RMS_C64 || p.kind == RMS_C128) ? 2 : 1);
+
+    const int64_t *const *cols[4] = {&L->grad, &L->square_avg, &L->grad_avg, &L->momentum_buffer};
+    const int needed[4] = {1, 1, call->centered != 0, call->momentum > 0};
+    void **dest[4] = {&rec->g, &rec->v, &rec->m, &rec->b};
+    for (int k = 0; k < 4; k++) {
+        const int which = RMS_T_GRAD + k;
+        *dest[k] = NULL;
+        if (!needed[k]) continue;
+        const int64_t *col = *cols[k];
+        /* the gradient is only read, unless it is unscaled in place */
+        int writable = k > 0 || (call->write_back && call->grad_scale);
+        r = describe(col ? &col[t] : NULL, writable, &other);
+        if (r) return RMS_STATUS(r, which);
+        if (other.kind != p.kind) return RMS_STATUS(RMS_ST_DTYPE, which);
+        if (!same_shape(&other, &p)) return RMS_STATUS(RMS_ST_SHAPE, which);
+        *dest[k] = other.ptr;
+    }
+
+    r = describe(L->step ? &L->step[t] : NULL, 1, &other);
+    if (r) return RMS_STATUS(r, RMS_T_STEP);
+    if (other.numel != 1 || (other.kind != RMS_F32 && other.kind != RMS_F64)) return RMS_STATUS(RMS_ST_STEP, RMS_T_STEP);
+    rec->step = other.ptr;
+    rec->step_kind = other.kind == RMS_F64;
+    if (!((call->dtype_mask >> p.kind) & 1)) return RMS_STATUS(RMS_ST_NOT_CHOSEN, RMS_T_PARAM);
+    rec->valid = 1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ overlap check */
+struct rms_span_s {
+    uintptr_t start, end;
+    int64_t record;
+    int32_t written, which;
+};
+
+/* The caller's memo: the previous step's records, and the sorted spans of the tensors that
+ * persist between steps (parameters and state), which a steady loop checks new gradients
+ * against without sorting again. */
+typedef struct {
+    int64_t n, n_spans, spans_valid, reserved;
+} rms_memo_header;
+#define RMS_PERSISTED_PER_RECORD 5 /* p, v, m, b, step */
+static int64_t memo_bytes(int64_t n) {
+    return (int64_t)(sizeof(rms_memo_header) + (size_t)n * sizeof(rms_record) +
+                     (size_t)n * RMS_PERSISTED_PER_RECORD * sizeof(rms_span));
+}
+static rms_record *memo_records(void *memo) { return (rms_record *)((rms_memo_header *)memo + 1); }
+static rms_span *memo_spans(void *memo, int64_t n) { return (rms_span *)(memo_records(memo) + n); }
+
+/* LSD radix sort of spans by start address, 8 bits a pass; passes whose byte is the same for
+ * every key are skipped (user-space addresses share their top bytes). */
+static int sort_spans(rms_span *a, int64_t n) {
+    if (n < 2) return 0;
+    rms_span *tmp = (rms_span *)malloc(sizeof(rms_span) * (size_t)n);
+    if (!tmp) return -1;
+    rms_span *src = a, *dst = tmp;
+    for (int shift = 0; shift < 64; shift += 8) {
+        int64_t count[257] = {0};
+        for (int64_t i = 0; i < n; i++) count[((src[i].start >> shift) & 0xff) + 1]++;
+        int skip = 0;
+        for (int b = 1; b <= 256; b++)
+            if (count[b] == n) skip = 1;
+        if (skip) continue;
+        for (int b = 1; b <= 256; b++) count[b] += count[b - 1];
+        for (int64_t i = 0; i < n; i++) dst[count[(src[i].start >> shift) & 0xff]++] = src[i];
+        rms_span *s = src; src = dst; dst = s;
+    }
+    if (src != a) memcpy(a, src, sizeof(rms_span) * (size_t)n);
+    free(tmp);
+    return 0;
+}
+
+static void mark(int8_t *status, int64_t record, int32_t which, int64_t *marked) {
+    if (status[record] == 0) {
+        status[record] = RMS_STATUS(RMS_ST_OVERLAP, which);
+        (*marked)++;
+    }
+}
+
+/* Mark every record whose memory a written tensor shares with another tensor of the step (a
+ * gradient aliasing its parameter, two parameters viewing one buffer, a state tensor shared by
+ * two parameters...). With `save` (room for 5n spans), the persistent tensors' spans are kept
+ * there in address order when nothing overlaps. Returns the number of records marked, or -1
+ * when out of memory. */
+static int64_t mark_overlaps(const rms_record *recs, int64_t n, const rms_call *call, int8_t *status,
+                             rms_span *save, int64_t *saved) {
+    int64_t cap = 6 * n, k = 0, marked = 0;
+    if (saved) *saved = 0;
+    if (cap == 0) return 0;
+    rms_span *spans = (rms_span *)malloc(sizeof(rms_span) * (size_t)cap);
+    if (!spans) return -1;
+    int grad_written = call->write_back && call->grad_scale;
+    for (int64_t t = 0; t < n; t++) {
+        const rms_record *r = &recs[t];
+        if (!r->valid) continue;
+        size_t bytes = (size_t)r->numel * storage_size(r->kind);
+        void *const ptrs[5] = {r->p, r->g, r->v, r->m, r->b};
+        for (int j = 0; j < 5; j++) {
+            if (!ptrs[j] || bytes == 0) continue;
+            uintptr_t s = (uintptr_t)ptrs[j];
+            spans[k++] = (rms_span){s, s + bytes, t, j != 1 || grad_written, j};
+        }
+        uintptr_t s = (uintptr_t)r->step;
+        spans[k++] = (rms_span){s, s + (r->step_kind ? 8u : 4u), t, 1, RMS_T_STEP};
+    }
+    if (sort_spans(spans, k)) {
+        free(spans);
+        return -1;
+    }
+    uintptr_t max_any = 0, max_written = 0;
+    int64_t rec_any = -1, rec_written = -1;
+    int32_t which_any = 0, which_written = 0;
+    for (int64_t i = 0; i < k; i++) {
+        const rms_span *x = &spans[i];
+        int64_t partner = -1;
+        int32_t partner_which = 0;
+        if (x->written && x->start < max_any) { partner = rec_any; partner_which = which_any; }
+        else if (!x->written && x->start < max_written) { partner = rec_written; partner_which = which_written; }
+        if (partner >= 0) {
+            mark(status, x->record, x->which, &marked);
+            mark(status, partner, partner_which, &marked);
+        }
+        if (x->end > max_any) { max_any = x->end; rec_any = x->record; which_any = x->which; }
+        if (x->written && x->end > max_written) { max_written = x->end; rec_written = x->record; which_written = x->which; }
+    }
+    if (save && marked == 0) { /* disjoint: the persistent spans, in order, for the next steps */
+        int64_t m = 0;
+        for (int64_t i = 0; i < k; i++)
+            if (spans[i].which != RMS_T_GRAD) save[m++] = spans[i];
+        *saved = m;
+    }
+    free(spans);
+    return marked;
+}
+
+/* The same check when only the gradients are new: each (read-only) gradient against the
+ * persistent spans of the previous step, which are disjoint and sorted, so their ends increase
+ * too and one binary search finds the only candidate. */
+static int64_t mark_grad_overlaps(const rms_record *recs, int64_t n, const rms_span *spans, int64_t k,
+                                  int8_t *status) {
+    int64_t marked = 0;
+    for (int64_t t = 0; t < n; t++) {
+        const rms_record *r = &recs[t];
+        if (!r->valid || !r->g || r->numel == 0) continue;
+        uintptr_t gs = (uintptr_t)r->g, ge = gs + (size_t)r->numel * storage_size(r->kind);
+        int64_t lo = 0, hi = k; /* first span whose end is past the gradient's start */
+        while (lo < hi) {
+            int64_t mid = lo + (hi - lo) / 2;
+            if (spans[mid].end > gs) hi = mid;
+            else lo = mid + 1;
+        }
+        if (lo < k && spans[lo].start < ge) {
+            mark(status, t, RMS_T_GRAD, &marked);
+            mark(status, spans[lo].record, spans[lo].which, &marked);
+        }
+    }
+    return marked;
 }
 
 /* Scalars of one call, in the math type. */
@@ -133,8 +536,9 @@ typedef struct {
 /* ------------------------------------------------------------------ the element loop
  * DEFINE_LOOP(NAME, S, M, SQRT, LOAD, STORE): S is the storage type, M the math type, SQRT its
  * square root (sqrtf for float: plain sqrt would widen every element to double). The loop body is
- * one always-inline function whose last three arguments are compile-time constants at each of
- * the 12 call sites in the dispatcher below, so GCC emits 12 straight-line vectorised loops. */
+ * one always-inline function whose last five arguments are compile-time constants at each of
+ * the 48 call sites in the dispatcher below, so GCC emits straight-line vectorised loops. The
+ * restrict promises hold because mark_overlaps refused every record whose memory overlaps. */
 #define DEFINE_LOOP(NAME, S, M, SQRT, LOAD, STORE)                                                    \
     RMS_INLINE void NAME##_body(S *restrict p_, S *restrict g_, S *restrict v_, S *restrict m_,   \
                                 S *restrict b_, int64_t n, const rms_scalars *c, M inv_corr,      \
@@ -223,48 +627,45 @@ RMS_CLONES static void stream_f32(float *restrict p, const float *restrict g, fl
 #define RMS_ALIGN 64
 
 typedef struct {
-    const rms_tensor *tensors;
+    const rms_record *records;
     const double *inv_corr;
     const rms_scalars *scalars;
-    int64_t n_tensors, part, parts; /* this thread takes slice `part` of `parts` of every tensor */
-    int variant, write_back; /* variant -1: the streaming bound (fp32 only) */
+    int64_t n_records, part, parts; /* this thread takes slice `part` of `parts` of every tensor */
+    int variant, write_back, stream;
 } rms_job;
 
-static size_t elem_size(int64_t code) { return (code & 0xff) == RMS_F64 ? 8 : (code & 0xff) == RMS_F32 ? 4 : 2; }
-
-#define AT(base, off, sz) ((void *)((char *)(intptr_t)(base) + (off) * (sz)))
+#define AT(base, off, sz) ((void *)((char *)(base) + (off) * (sz)))
 
 static void *run_job(void *arg) {
     const rms_job *job = (const rms_job *)arg;
-    for (int64_t t = 0; t < job->n_tensors; t++) {
-        const rms_tensor *x = &job->tensors[t];
+    for (int64_t t = 0; t < job->n_records; t++) {
+        const rms_record *x = &job->records[t];
+        if (!x->valid) continue; /* kept from the kernel by the caller */
         /* this thread's share of tensor t: slice `part` of `parts`, on RMS_ALIGN boundaries */
         int64_t per = (x->numel + job->parts - 1) / job->parts;
         per = (per + RMS_ALIGN - 1) / RMS_ALIGN * RMS_ALIGN;
         int64_t lo = job->part * per, hi = lo + per;
         if (hi > x->numel) hi = x->numel;
         if (hi <= lo) continue;
-        size_t sz = elem_size(x->dtype);
-        void *p = AT(x->param, lo, sz), *g = AT(x->grad, lo, sz), *v = AT(x->square_avg, lo, sz);
-        void *m = x->grad_avg ? AT(x->grad_avg, lo, sz) : NULL;
-        void *b = x->momentum_buffer ? AT(x->momentum_buffer, lo, sz) : NULL;
+        size_t sz = storage_size(x->kind);
+        void *p = AT(x->p, lo, sz), *g = AT(x->g, lo, sz), *v = AT(x->v, lo, sz);
+        void *m = x->m ? AT(x->m, lo, sz) : NULL;
+        void *b = x->b ? AT(x->b, lo, sz) : NULL;
         int64_t n = hi - lo;
-        if (job->variant < 0) {
+        if (job->stream) {
             stream_f32(p, g, v, n);
             continue;
         }
-        switch (x->dtype & 0xff) {
-        case RMS_F32: loop_f32(p, g, v, m, b, n, job->scalars, job->inv_corr[t], job->write_back, job->variant); break;
-        case RMS_F64: loop_f64(p, g, v, m, b, n, job->scalars, job->inv_corr[t], job->write_back, job->variant); break;
-        case RMS_BF16: loop_bf16(p, g, v, m, b, n, job->scalars, job->inv_corr[t], job->write_back, job->variant); break;
-        default: loop_f16(p, g, v, m, b, n, job->scalars, job->inv_corr[t], job->write_back, job->variant); break;
+        double ic = job->inv_corr[t];
+        switch (x->kind) {
+        case RMS_F32: case RMS_C64: loop_f32(p, g, v, m, b, n, job->scalars, ic, job->write_back, job->variant); break;
+        case RMS_F64: case RMS_C128: loop_f64(p, g, v, m, b, n, job->scalars, ic, job->write_back, job->variant); break;
+        case RMS_BF16: loop_bf16(p, g, v, m, b, n, job->scalars, ic, job->write_back, job->variant); break;
+        default: loop_f16(p, g, v, m, b, n, job->scalars, ic, job->write_back, job->variant); break;
         }
     }
     return NULL;
 }
-
-
-int rmsprop_abi_version(void) { return RMS_ABI_VERSION; }
 
 /* GOMP_parallel(fn, data, num_threads, flags): the entry point GCC emits for `omp parallel`;
  * LLVM's and Intel's OpenMP runtimes provide it too. */
@@ -273,7 +674,7 @@ static _Atomic(gomp_parallel_fn) g_gomp_parallel = NULL;
 
 /* Use the OpenMP runtime whose GOMP_parallel this is (NULL: back to pthreads). */
 void rmsprop_use_openmp(void *gomp_parallel) { atomic_store(&g_gomp_parallel, (gomp_parallel_fn)gomp_parallel); }
-int rmsprop_uses_openmp(void) { return atomic_load(&g_gomp_parallel) != NULL; }
+int32_t rmsprop_uses_openmp(void) { return atomic_load(&g_gomp_parallel) != NULL; }
 
 typedef struct {
     rms_job *jobs;
@@ -290,13 +691,14 @@ static void *team_worker(void *arg) {
 static void team_worker_omp(void *arg) { team_worker(arg); }
 
 /* Run one slice of every tensor per thread; the calling thread works too. */
-static void run_parallel(const rms_tensor *tensors, int64_t n_tensors, int64_t total, const double *inv_corr,
-                         const rms_scalars *c, int variant, int write_back, int num_threads) {
+static void run_parallel(const rms_record *records, int64_t n, int64_t total, const double *inv_corr,
+                         const rms_scalars *c, int variant, int write_back, int stream, int num_threads) {
     int threads = num_threads > 64 ? 64 : num_threads;
     if ((int64_t)threads > total / RMS_MIN_PER_THREAD) threads = (int)(total / RMS_MIN_PER_THREAD);
     if (threads < 1) threads = 1;
     rms_job jobs[64];
-    for (int k = 0; k < threads; k++) jobs[k] = (rms_job){tensors, inv_corr, c, n_tensors, k, threads, variant, write_back};
+    for (int k = 0; k < threads; k++)
+        jobs[k] = (rms_job){records, inv_corr, c, n, k, threads, variant, write_back, stream};
     rms_team team = {jobs, threads, 0};
     gomp_parallel_fn gomp = atomic_load(&g_gomp_parallel);
     if (threads == 1) {
@@ -312,66 +714,180 @@ static void run_parallel(const rms_tensor *tensors, int64_t n_tensors, int64_t t
     }
 }
 
-/* Apply one step to every tensor of the table. Returns RMS_OK or a negative error code; on an
- * error nothing has been written. */
-int rmsprop_step(const rms_tensor *tensors, int64_t n_tensors, const rms_rule *rule, int num_threads) {
-    if (num_threads < 1) return RMS_BAD_THREADS;
-    int64_t total = 0;
-    for (int64_t t = 0; t < n_tensors; t++) {
-        int64_t code = tensors[t].dtype;
-        if ((code & 0xff) > RMS_F16 || ((code >> 8) & 0xff) > 1) return RMS_BAD_DTYPE;
-        total += tensors[t].numel;
-    }
-    if (rule->found_inf && *rule->found_inf != 0.0f) return RMS_OK; /* AMP overflow: skip */
-
-    double *inv_corr = (double *)malloc(sizeof(double) * (size_t)(n_tensors > 0 ? n_tensors : 1));
-    if (!inv_corr) return RMS_NO_MEMORY;
-    for (int64_t t = 0; t < n_tensors; t++) { /* step += 1, then 1 / (1 - alpha^step) */
-        double step;
-        if ((tensors[t].dtype >> 8) & 0xff) {
-            double *s = (double *)(intptr_t)tensors[t].step;
-            step = *s += 1.0;
-        } else {
-            float *s = (float *)(intptr_t)tensors[t].step;
-            step = *s += 1.0f;
-        }
-        inv_corr[t] = rule->bias_correction ? 1.0 / (1.0 - pow(rule->alpha, step)) : 1.0;
-    }
-
-    const int lr_in = rule->lr_in_momentum;
-    rms_scalars c = {
-        .inv_scale = rule->grad_scale ? (double)(1.0f / *rule->grad_scale) : 1.0,
-        .sign = rule->maximize ? -1.0 : 1.0,
-        .wd = rule->weight_decay,
-        .decay = (rule->decoupled_weight_decay && rule->weight_decay != 0) ? 1.0 - rule->lr * rule->weight_decay : 1.0,
-        .alpha = rule->alpha,
-        .one_minus_alpha = 1.0 - rule->alpha,
-        .eps = rule->eps,
-        .lr = rule->lr,
-        .mu = rule->momentum,
-        .k_buf = lr_in ? rule->lr : 1.0,
-        .k_par = lr_in ? 1.0 : rule->lr,
-    };
-    int coupled = !rule->decoupled_weight_decay && rule->weight_decay != 0;
-    int mom_kind = rule->has_momentum ? (rule->nesterov ? 2 : 1) : 0;
-    /* plain: no gradient scaling or sign flip, no decoupled decay, no bias correction, so the
-     * loop can skip those multiplications (each would be an exact x * 1 otherwise) */
-    int plain = !rule->grad_scale && !rule->maximize && c.decay == 1.0 && !rule->bias_correction;
-    int variant = plain | (rule->eps_in_sqrt ? 2 : 0) | (coupled ? 4 : 0) | ((rule->centered * 3 + mom_kind) << 3);
-
-    run_parallel(tensors, n_tensors, total, inv_corr, &c, variant, rule->grad_scale != NULL, num_threads);
-    free(inv_corr);
-    return RMS_OK;
+/* A one-element float32 CPU tensor's value. */
+static int read_scalar(const int64_t *slot, float *out) {
+    rms_view s;
+    if (describe(slot, 0, &s) || s.kind != RMS_F32 || s.numel != 1) return -1;
+    memcpy(out, s.ptr, sizeof *out);
+    return 0;
 }
 
-/* Benchmark only: stream the bytes of a plain fp32 step over the same tensors and threads. */
-int rmsprop_stream_bound(const rms_tensor *tensors, int64_t n_tensors, int num_threads) {
-    if (num_threads < 1) return RMS_BAD_THREADS;
-    int64_t total = 0;
-    for (int64_t t = 0; t < n_tensors; t++) {
-        if ((tensors[t].dtype & 0xff) != RMS_F32) return RMS_BAD_DTYPE;
-        total += tensors[t].numel;
+/* The persistent tensors of record t (everything but the gradient) as in the previous step. */
+static int unchanged(const rms_record *old, const rms_record *now) {
+    return old->valid && old->p == now->p && old->v == now->v && old->m == now->m && old->b == now->b &&
+           old->step == now->step && old->numel == now->numel && old->kind == now->kind &&
+           old->step_kind == now->step_kind;
+}
+
+/*
+ * Validate, then (mode RUN) apply one step to every record, or (mode STREAM) stream the bytes
+ * of a plain fp32 step over them. `records` (rmsprop_memo_size(n) bytes, zeroed at first) is
+ * the caller's memory of the previous step, read for RMS_REQUIRE_UNCHANGED and rewritten on a
+ * step. `status`
+ * (n bytes, or NULL) is in and out: on entry a nonzero byte keeps that record from the kernel
+ * (the caller routes it elsewhere); on return every record's status. `bad` (or NULL) gets the
+ * first record with a nonzero status. With RMS_REQUIRE_UNCHANGED, a record that fails or a
+ * persistent tensor that moved since the previous step returns RMS_CHANGED. Nothing is written
+ * to any tensor unless the return value is RMS_OK.
+ */
+int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, int32_t num_threads,
+                     void *records, int8_t *status, int64_t *bad) {
+    if (!atomic_load(&g_api_ready)) return RMS_NOT_INITIALISED;
+    if (!lists || !call || n < 0 || num_threads < 1 || (n > 0 && !records)) return RMS_BAD_ARGUMENT;
+    const int mode = call->mode & 0xff;
+    if (mode != RMS_MODE_CHECK && mode != RMS_MODE_RUN && mode != RMS_MODE_STREAM) return RMS_BAD_ARGUMENT;
+    if (bad) *bad = -1;
+
+    float grad_scale = 1.0f, found_inf = 0.0f;
+    if ((call->grad_scale && read_scalar(call->grad_scale, &grad_scale)) ||
+        (call->found_inf && read_scalar(call->found_inf, &found_inf)))
+        return RMS_BAD_SCALAR;
+
+    rms_record *fresh = (rms_record *)calloc((size_t)(n > 0 ? n : 1), sizeof(rms_record));
+    int8_t *st = (int8_t *)calloc((size_t)(n > 0 ? n : 1), 1);
+    double *inv_corr = (double *)malloc(sizeof(double) * (size_t)(n > 0 ? n : 1));
+    if (!fresh || !st || !inv_corr) {
+        free(fresh); free(st); free(inv_corr);
+        return RMS_NO_MEMORY;
     }
-    run_parallel(tensors, n_tensors, total, NULL, NULL, -1, 0, num_threads);
-    return RMS_OK;
+    rms_call checked = *call;
+    if (mode == RMS_MODE_STREAM) { /* p, g, v only, float32 only */
+        checked.centered = 0;
+        checked.momentum = 0;
+        checked.dtype_mask = 1 << RMS_F32;
+    }
+    /* status on entry: nonzero marks a record the caller keeps from the kernel (it is neither
+     * validated nor stepped, and keeps its code) */
+    if (status) memcpy(st, status, (size_t)n);
+    int64_t failures = 0, total = 0;
+    for (int64_t t = 0; t < n; t++) {
+        if (st[t]) continue;
+        st[t] = validate_record(lists, t, &checked, &fresh[t]);
+        failures += st[t] != 0;
+        if (!st[t]) total += fresh[t].numel;
+    }
+    const int require_unchanged = (call->mode & RMS_REQUIRE_UNCHANGED) != 0;
+    const int grad_written = call->write_back && call->grad_scale;
+    rms_memo_header *hdr = (rms_memo_header *)records;
+    rms_record *memo = n > 0 ? memo_records(records) : NULL;
+    rms_span *spans = n > 0 ? memo_spans(records, n) : NULL;
+    int32_t result = RMS_OK;
+    int64_t overlapping = 0, saved = 0;
+    if (failures > 0) {
+        /* with RMS_REQUIRE_UNCHANGED the caller expected every other record to pass as before */
+        result = require_unchanged ? RMS_CHANGED : RMS_INVALID;
+    } else if (require_unchanged) {
+        int same = n > 0 && hdr->n == n;
+        for (int64_t t = 0; same && t < n; t++)
+            if (fresh[t].valid && !unchanged(&memo[t], &fresh[t])) same = 0;
+        if (!same) {
+            result = RMS_CHANGED;
+        } else if (hdr->spans_valid && !grad_written) {
+            overlapping = mark_grad_overlaps(fresh, n, spans, hdr->n_spans, st);
+        } else {
+            overlapping = mark_overlaps(fresh, n, &checked, st, NULL, NULL);
+        }
+        if (result == RMS_OK && overlapping > 0) result = RMS_CHANGED;
+    } else {
+        overlapping = mark_overlaps(fresh, n, &checked, st, mode == RMS_MODE_RUN && n > 0 ? spans : NULL, &saved);
+        if (overlapping > 0) result = RMS_INVALID;
+    }
+    if (overlapping < 0) result = RMS_NO_MEMORY;
+    if (status) memcpy(status, st, (size_t)n);
+    if (bad && result != RMS_OK)
+        for (int64_t t = 0; t < n; t++)
+            if (st[t]) { *bad = t; break; }
+    if (result != RMS_OK || mode == RMS_MODE_CHECK) goto done;
+
+    if (mode == RMS_MODE_STREAM) {
+        run_parallel(fresh, n, total, NULL, NULL, 0, 0, 1, num_threads);
+        goto done;
+    }
+    if (found_inf != 0.0f) { result = RMS_SKIPPED; goto done; } /* AMP overflow: write nothing */
+
+    for (int64_t t = 0; t < n; t++) { /* step += 1, then 1 / (1 - alpha^step) */
+        if (!fresh[t].valid) continue; /* kept from the kernel by the caller */
+        double step;
+        if (fresh[t].step_kind) step = *(double *)fresh[t].step += 1.0;
+        else step = *(float *)fresh[t].step += 1.0f;
+        inv_corr[t] = call->bias_correction ? 1.0 / (1.0 - pow(call->alpha, step)) : 1.0;
+    }
+    const int lr_in = call->lr_in_momentum;
+    const int has_momentum = call->momentum > 0;
+    rms_scalars c = {
+        .inv_scale = call->grad_scale ? (double)(1.0f / grad_scale) : 1.0,
+        .sign = call->maximize ? -1.0 : 1.0,
+        .wd = call->weight_decay,
+        .decay = (call->decoupled_weight_decay && call->weight_decay != 0) ? 1.0 - call->lr * call->weight_decay : 1.0,
+        .alpha = call->alpha,
+        .one_minus_alpha = 1.0 - call->alpha,
+        .eps = call->eps,
+        .lr = call->lr,
+        .mu = call->momentum,
+        .k_buf = lr_in ? call->lr : 1.0,
+        .k_par = lr_in ? 1.0 : call->lr,
+    };
+    int coupled = !call->decoupled_weight_decay && call->weight_decay != 0;
+    int mom_kind = has_momentum ? (call->nesterov ? 2 : 1) : 0;
+    /* plain: no gradient scaling or sign flip, no decoupled decay, no bias correction, so the
+     * loop can skip those multiplications (each would be an exact x * 1 otherwise) */
+    int plain = !call->grad_scale && !call->maximize && c.decay == 1.0 && !call->bias_correction;
+    int variant = plain | (call->eps_in_sqrt ? 2 : 0) | (coupled ? 4 : 0) | (((call->centered != 0) * 3 + mom_kind) << 3);
+    int write_back = call->grad_scale != NULL && call->write_back;
+    run_parallel(fresh, n, total, inv_corr, &c, variant, write_back, 0, num_threads);
+    if (n > 0) { /* remember this step: its records, and (after a full check) its persistent spans */
+        memcpy(memo, fresh, sizeof(rms_record) * (size_t)n);
+        if (!require_unchanged) {
+            hdr->n = n;
+            hdr->n_spans = saved;
+            hdr->spans_valid = 1;
+        }
+    }
+
+done:
+    free(fresh);
+    free(st);
+    free(inv_corr);
+    return result;
+}
+
+/* Test hooks: the fp16 conversions above, over whole float16 / float32 CPU tensors (validated
+ * like everything else: contiguous, the right dtypes, equal element counts). */
+static int convert_views(const int64_t *in, const int64_t *out, int32_t in_kind, int32_t out_kind, rms_view *a, rms_view *b) {
+    if (!atomic_load(&g_api_ready)) return RMS_NOT_INITIALISED;
+    if (describe(in, 0, a) || describe(out, 1, b)) return RMS_BAD_ARGUMENT;
+    if (a->kind != in_kind || b->kind != out_kind || a->numel != b->numel || !a->contiguous_order || !b->contiguous_order)
+        return RMS_BAD_ARGUMENT;
+    if (a->numel > 0 && (uintptr_t)a->ptr < (uintptr_t)b->ptr + b->numel * kind_size(out_kind) &&
+        (uintptr_t)b->ptr < (uintptr_t)a->ptr + a->numel * kind_size(in_kind))
+        return RMS_BAD_ARGUMENT;
+    return 0;
+}
+int32_t rmsprop_f16_to_f32(const int64_t *in, const int64_t *out) {
+    rms_view a, b;
+    int r = convert_views(in, out, RMS_F16, RMS_F32, &a, &b);
+    if (r) return r;
+    const uint16_t *x = a.ptr;
+    float *y = b.ptr;
+    for (int64_t i = 0; i < a.numel; i++) y[i] = f16_load(x[i]);
+    return 0;
+}
+int32_t rmsprop_f32_to_f16(const int64_t *in, const int64_t *out) {
+    rms_view a, b;
+    int r = convert_views(in, out, RMS_F32, RMS_F16, &a, &b);
+    if (r) return r;
+    const float *x = a.ptr;
+    uint16_t *y = b.ptr;
+    for (int64_t i = 0; i < a.numel; i++) y[i] = f16_store(x[i]);
+    return 0;
 }

@@ -31,6 +31,7 @@ import torch
 
 from ..backends import fused_cpu
 from ..optimizer import RMSprop
+from .bound import stream_bound
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def _prepare(config: Config, name: str) -> tuple[Callable[[], object], dict]:
         fp32 = [p.detach().float() for p in params]
         grads = [p.grad.float() for p in params]
         avgs = [torch.ones_like(p) for p in fp32]
-        return fused_cpu.stream_bound(fp32, grads, avgs), extra
+        return stream_bound(fp32, grads, avgs), extra
     if name == COMPILED:
         _cold_compile_caches()
         opt = torch.optim.RMSprop(params, foreach=True, **config.options)

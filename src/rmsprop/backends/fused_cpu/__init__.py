@@ -1,0 +1,24 @@
+"""The fused CPU kernel as a backend.
+
+- ``native.py``: loads the C library, checks its ABI against the option table, hands it torch's
+  stable C shim; :func:`is_available` / :func:`load_error`.
+- ``kernel.py``: the entry — what the kernel takes, the validation before any write, one native
+  call per group, version counters, and the custom op ``rmsprop::fused_step`` for torch.compile.
+- ``cache.py``: :class:`FusedCache`, what the backend keeps between steps (owned by the caller).
+"""
+
+from .cache import FusedCache
+from .kernel import ALL_KINDS, DEFAULT_KINDS, compile_eligible, compiled_step, explain, prepare
+from .native import is_available, load_error
+
+__all__ = [
+    "FusedCache",
+    "prepare",
+    "compiled_step",
+    "compile_eligible",
+    "explain",
+    "ALL_KINDS",
+    "DEFAULT_KINDS",
+    "is_available",
+    "load_error",
+]

@@ -1,0 +1,307 @@
+"""The native library: loading it, checking its ABI, and the ctypes twins of its structs.
+
+The kernel (``_cpu/rmsprop_cpu.c``) is a plain C library built by ``pip install`` and loaded with
+ctypes: no torch headers, nothing compiled at run time. It reads every tensor through torch's
+stable C shim (``torch_get_mutable_data_ptr``, ``aoti_torch_get_numel``, ...), whose functions
+are looked up here in the libtorch that torch itself loaded and handed to ``rmsprop_init``.
+
+Before the kernel is enabled, everything the two sides must agree on is checked, and any
+disagreement leaves it unavailable with the reason in :func:`load_error` (the default path then
+uses foreach, and ``fused=True`` raises):
+
+- the ABI version;
+- every field of the structs passed across (name, offset, size, and the struct's size), which the
+  C side exports: the ``rms_call`` struct must hold exactly the option table's Rule fields;
+- that the handles work: a probe tensor converted through the library gives torch's own values.
+
+``RMSPROP_NATIVE_LIB`` names another build of the library to load (the sanitizer build of
+``scripts/sanitize.sh``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import operator
+import os
+import sys
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ...options import RULE_OPTIONS
+
+__all__ = ["LIB", "load_error", "is_available", "Lists", "Call", "LIST_NAMES", "handles", "memo_size"]
+
+ABI_VERSION = 2
+# Element kinds of the C side, in its order, and the dtypes they are.
+KINDS = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
+LIST_NAMES = ("param", "grad", "square_avg", "grad_avg", "momentum_buffer", "step")
+
+# Modes and return codes of rmsprop_step (see the C enums).
+MODE_CHECK, MODE_RUN, MODE_STREAM, REQUIRE_UNCHANGED = 0, 1, 2, 0x100
+OK, SKIPPED, CHANGED, INVALID = 0, 1, 2, -4
+ERRORS = {
+    -1: "bad argument",
+    -2: "out of memory",
+    -3: "the kernel was not initialised",
+    -4: "a tensor failed validation",
+    -5: "grad_scale / found_inf must be one-element float32 CPU tensors",
+}
+
+
+class Lists(ctypes.Structure):
+    """rms_lists: one column of TensorImpl addresses per list (NULL: absent)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in LIST_NAMES]
+
+
+class Call(ctypes.Structure):
+    """rms_call: lr, then the option table's Rule fields in order (numbers as double, switches as
+    int32), then the call's own fields."""
+
+    _fields_ = (
+        [("lr", ctypes.c_double)]
+        + [(o.name, ctypes.c_double if o.kind == "number" else ctypes.c_int32) for o in RULE_OPTIONS]
+        + [
+            ("mode", ctypes.c_int32),
+            ("dtype_mask", ctypes.c_int32),
+            ("write_back", ctypes.c_int32),
+            ("grad_scale", ctypes.c_void_p),
+            ("found_inf", ctypes.c_void_p),
+        ]
+    )
+
+
+_FN = ctypes.c_void_p
+
+
+class TorchApi(ctypes.Structure):
+    """rms_torch_api: the shim functions the kernel calls, and torch's codes it compares with."""
+
+    _fields_ = [
+        ("struct_size", ctypes.c_int64),
+        ("mutable_data_ptr", _FN),
+        ("const_data_ptr", _FN),
+        ("numel", _FN),
+        ("dim", _FN),
+        ("dtype", _FN),
+        ("device_type", _FN),
+        ("layout", _FN),
+        ("sizes", _FN),
+        ("strides", _FN),
+        ("dtype_code", ctypes.c_int32 * len(KINDS)),
+        ("device_cpu", ctypes.c_int32),
+        ("layout_strided", ctypes.c_int32),
+    ]
+
+
+_SHIM_FUNCTIONS = {
+    "mutable_data_ptr": "torch_get_mutable_data_ptr",
+    "const_data_ptr": "torch_get_const_data_ptr",
+    "numel": "aoti_torch_get_numel",
+    "dim": "aoti_torch_get_dim",
+    "dtype": "aoti_torch_get_dtype",
+    "device_type": "aoti_torch_get_device_type",
+    "layout": "aoti_torch_get_layout",
+    "sizes": "aoti_torch_get_sizes",
+    "strides": "aoti_torch_get_strides",
+}
+_DTYPE_FUNCTIONS = (
+    "aoti_torch_dtype_float32",
+    "aoti_torch_dtype_float64",
+    "aoti_torch_dtype_bfloat16",
+    "aoti_torch_dtype_float16",
+    "aoti_torch_dtype_complex64",
+    "aoti_torch_dtype_complex128",
+)
+
+
+class _Field(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("offset", ctypes.c_int64), ("size", ctypes.c_int64)]
+
+
+_CDATA = operator.attrgetter("_cdata")
+
+
+def handles(tensors: Sequence[torch.Tensor]) -> array:
+    """The TensorImpl addresses of plain tensors (the caller keeps the tensors alive)."""
+    return array("q", map(_CDATA, tensors))
+
+
+def buffer_address(buffer: bytearray) -> int:
+    """Address of a bytearray's memory (stable while it is not resized; never resize it)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+def _library_path() -> str | None:
+    override = os.environ.get("RMSPROP_NATIVE_LIB")
+    if override:
+        return override
+    spec = importlib.util.find_spec("rmsprop._rmsprop_cpu")
+    return spec.origin if spec is not None and spec.origin else None
+
+
+def _libtorch() -> ctypes.CDLL:
+    lib_dir = Path(torch.__file__).parent / "lib"
+    names = {"win32": ["torch_cpu.dll"], "darwin": ["libtorch_cpu.dylib"]}.get(
+        sys.platform, ["libtorch_cpu.so"]
+    )
+    for name in names:
+        if (lib_dir / name).exists():
+            return ctypes.CDLL(str(lib_dir / name))
+    raise OSError(f"libtorch_cpu not found in {lib_dir}")
+
+
+def _check_layout(lib: ctypes.CDLL, which: int, twin: type[ctypes.Structure], what: str) -> str | None:
+    count, size = ctypes.c_int64(), ctypes.c_int64()
+    fields = lib.rmsprop_layout(which, ctypes.byref(count), ctypes.byref(size))
+    native = {fields[i].name.decode(): (fields[i].offset, fields[i].size) for i in range(count.value)}
+    ours = {name: (getattr(twin, name).offset, getattr(twin, name).size) for name, *_ in twin._fields_}
+    if native != ours or size.value != ctypes.sizeof(twin):
+        differ = sorted(k for k in native.keys() | ours.keys() if native.get(k) != ours.get(k))
+        return (
+            f"the native {what} struct does not match the Python side (fields differing: {differ}; "
+            f"sizes {size.value} vs {ctypes.sizeof(twin)}): rebuild the package (pip install .)"
+        )
+    return None
+
+
+def _torch_api() -> TorchApi:
+    libtorch = _libtorch()
+    api = TorchApi(struct_size=ctypes.sizeof(TorchApi))
+    for field, symbol in _SHIM_FUNCTIONS.items():
+        setattr(api, field, ctypes.cast(getattr(libtorch, symbol), ctypes.c_void_p).value)
+    for i, symbol in enumerate(_DTYPE_FUNCTIONS):
+        fn = getattr(libtorch, symbol)
+        fn.restype = ctypes.c_int32
+        api.dtype_code[i] = fn()
+    for field, symbol in (
+        ("device_cpu", "aoti_torch_device_type_cpu"),
+        ("layout_strided", "aoti_torch_layout_strided"),
+    ):
+        fn = getattr(libtorch, symbol)
+        fn.restype = ctypes.c_int32
+        setattr(api, field, fn())
+    return api
+
+
+def _probe(lib: ctypes.CDLL) -> str | None:
+    """Convert a probe tensor through the library and compare with torch: proves that handles,
+    data pointers, element counts and dtype codes are read as torch means them."""
+    source = torch.tensor([0.5, -2.0, 65504.0, 1e-6, 3.0], dtype=torch.float32)
+    out = torch.full((5,), 7.0, dtype=torch.float16)
+    keep = (handles([source]), handles([out]))
+    status = lib.rmsprop_f32_to_f16(keep[0].buffer_info()[0], keep[1].buffer_info()[0])
+    if status != 0 or not torch.equal(out, source.half()):
+        return f"the native library misreads torch's tensors (probe status {status}); the torch version is unsupported"
+    wrong = torch.zeros(4, dtype=torch.float16)  # an element count that does not match: must refuse
+    keep = (handles([source]), handles([wrong]))
+    if lib.rmsprop_f32_to_f16(keep[0].buffer_info()[0], keep[1].buffer_info()[0]) == 0:
+        return "the native library accepted mismatched tensors in its probe; refusing to use it"
+    return None
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    path = _library_path()
+    if path is None:
+        return (
+            None,
+            "the native library rmsprop._rmsprop_cpu was not built (reinstall with a C compiler: pip install .)",
+        )
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        return None, f"the native library {path} failed to load: {exc}"
+    try:
+        lib.rmsprop_abi_version.restype = ctypes.c_int32
+        if lib.rmsprop_abi_version() != ABI_VERSION:
+            return None, f"the native library {path} is a different version; reinstall the package"
+        lib.rmsprop_layout.restype = ctypes.POINTER(_Field)
+        lib.rmsprop_layout.argtypes = [
+            ctypes.c_int32,
+            ctypes.POINTER(ctypes.c_int64),
+            ctypes.POINTER(ctypes.c_int64),
+        ]
+        for which, twin, what in (
+            (0, Call, "rms_call"),
+            (1, Lists, "rms_lists"),
+            (2, TorchApi, "rms_torch_api"),
+        ):
+            problem = _check_layout(lib, which, twin, what)
+            if problem:
+                return None, problem
+        lib.rmsprop_init.argtypes = [ctypes.POINTER(TorchApi)]
+        lib.rmsprop_init.restype = ctypes.c_int32
+        try:
+            api = _torch_api()
+        except (OSError, AttributeError) as exc:
+            return None, f"this torch lacks the stable C shim functions the kernel reads tensors with ({exc})"
+        if lib.rmsprop_init(ctypes.byref(api)) != 0:
+            return None, "the native library refused torch's shim functions"
+        lib.rmsprop_step.argtypes = [
+            ctypes.POINTER(Lists),
+            ctypes.c_int64,
+            ctypes.POINTER(Call),
+            ctypes.c_int32,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_int64),
+        ]
+        lib.rmsprop_step.restype = ctypes.c_int32
+        lib.rmsprop_memo_size.argtypes = [ctypes.c_int64]
+        lib.rmsprop_memo_size.restype = ctypes.c_int64
+        for name in ("rmsprop_f16_to_f32", "rmsprop_f32_to_f16"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+            getattr(lib, name).restype = ctypes.c_int32
+        lib.rmsprop_use_openmp.argtypes = [ctypes.c_void_p]
+        lib.rmsprop_use_openmp.restype = None
+        problem = _probe(lib)
+        if problem:
+            return None, problem
+    except AttributeError as exc:
+        return None, f"the native library {path} lacks a function ({exc}); reinstall the package"
+    gomp_parallel = _torch_openmp_entry()
+    if gomp_parallel is not None:
+        lib.rmsprop_use_openmp(gomp_parallel)
+    return lib, None
+
+
+def _torch_openmp_entry() -> int | None:
+    """Address of GOMP_parallel in the OpenMP runtime torch ships and uses, or None.
+
+    The kernel then runs on torch's own, already-warm thread pool instead of starting threads of
+    its own, so the two never compete for the cores. A runtime torch does not use (or none at
+    all) leaves the kernel on plain pthreads.
+    """
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for pattern in ("libgomp*.so*", "libiomp5*.so*", "libomp*.so*", "libomp*.dylib", "libiomp5*.dylib"):
+        for path in sorted(lib_dir.glob(pattern)):
+            try:
+                runtime = ctypes.CDLL(str(path))
+                return ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
+LIB, _LOAD_ERROR = _load()
+
+
+def memo_size(n: int) -> int:
+    """Bytes of the kernel's memo of a previous step for n tensors (see rmsprop_step)."""
+    return LIB.rmsprop_memo_size(n)
+
+
+def is_available() -> bool:
+    """True when the native kernel is built, matches this package and reads torch's tensors."""
+    return LIB is not None
+
+
+def load_error() -> str | None:
+    """Why the native kernel is unavailable, or None."""
+    return _LOAD_ERROR

@@ -1,0 +1,394 @@
+"""Every defect found at the native boundary, as a regression test run in a subprocess.
+
+Each probe is a small script that sets up what a careless or adversarial user does and asserts
+what must happen instead: a clear error with nothing changed, or the right numbers. Running it
+in its own interpreter makes a crash (a write past a tensor's end, a NULL dereference, a heap
+overflow) a test failure instead of the end of the test run. ``scripts/sanitize.sh`` runs this
+file against the kernel built with AddressSanitizer and UBSan, which also catches the reads and
+writes out of bounds that do not crash.
+
+The numbers in the probe names refer to the list in the "trust the fast path" issue.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PRELUDE = """
+import copy, math, warnings
+import numpy as np
+import torch
+import rmsprop
+import rmsprop.functional as F
+from rmsprop.rule import Rule
+
+def refused(fn, exc=Exception, match=""):
+    try:
+        fn()
+    except exc as e:
+        assert match in str(e), f"message {str(e)!r} lacks {match!r}"
+        return str(e)
+    raise AssertionError("no error raised")
+
+def snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params if p in opt.state})
+
+def unchanged(opt, params, snap):
+    values, states = snap
+    assert all(torch.equal(a, b) for a, b in zip(values, params)), "a parameter changed"
+    for p in params:
+        if id(p) in states:
+            for k, v in states[id(p)].items():
+                assert torch.equal(opt.state[p][k], v), f"state {k} changed"
+
+def trained(n=1000, steps=1, **kw):
+    p = torch.randn(n, requires_grad=True)
+    opt = rmsprop.RMSprop([p], **kw)
+    for _ in range(steps):
+        p.grad = torch.randn(n)
+        opt.step()
+    return p, opt
+"""
+
+PROBES: dict[str, str] = {
+    # 1. An undersized state tensor: the next step must not write past the view.
+    "1-undersized-state": """
+for kw in ({}, {"fused": True}, {"foreach": True}, {"foreach": False}):
+    p, opt = trained(**kw)
+    buf = torch.zeros(1000)
+    opt.state[p]["square_avg"] = buf[:10]
+    p.grad = torch.randn(1000)
+    snap = snapshot(opt, [p])
+    refused(opt.step, RuntimeError, "square_avg")
+    assert torch.count_nonzero(buf[10:]) == 0, "wrote past the end of the view"
+    unchanged(opt, [p], snap)
+""",
+    # 2. An undersized gradient, also with GradScaler.
+    "2-undersized-grad": """
+for kw in ({}, {"fused": True}, {"foreach": True}):
+    p, opt = trained(**kw)
+    p.grad = torch.randn(1000)
+    big = torch.ones(2000)
+    p.grad.data = big[:10]
+    snap = snapshot(opt, [p])
+    refused(opt.step, RuntimeError, "gradient")
+    unchanged(opt, [p], snap)
+    assert torch.equal(big, torch.ones(2000))
+# with GradScaler, fused=True: grads are unscaled in place by the kernel
+p, opt = trained(fused=True)
+scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+scaler.scale(p.sum())  # initialises the scale, as scaling a loss does
+p.grad = torch.randn(1000)
+big = torch.ones(2000)
+p.grad.data = big[:10]
+snap = snapshot(opt, [p])
+refused(lambda: scaler.step(opt), RuntimeError, "gradient")
+unchanged(opt, [p], snap)
+assert torch.equal(big, torch.ones(2000)), "the gradient's buffer was written"
+""",
+    # 3. The cached plan must follow a state tensor whose storage was replaced.
+    "3-state-storage-replaced": """
+for key in ("square_avg", "step", "momentum_buffer"):
+    torch.manual_seed(0)
+    p, opt = trained(steps=2, momentum=0.9)
+    q = p.detach().clone().requires_grad_()
+    ref = rmsprop.RMSprop([q], momentum=0.9, foreach=True)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))  # state_dict() shares the tensors
+    t = opt.state[p][key]
+    t.data = t.detach().clone()
+    old = {k: v.clone() for k, v in opt.state[p].items()}
+    g = torch.randn(1000)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step(); ref.step()
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert opt.state[p]["step"].item() == 3
+    assert not torch.equal(opt.state[p]["square_avg"], old["square_avg"])
+""",
+    # 4. The public functional API with the lists the rule needs missing.
+    "4-functional-missing-lists": """
+p = torch.randn(100); g = torch.randn(100); v = torch.zeros(100); s = torch.zeros(())
+for backend in ({"fused": True}, {"foreach": True}, {"foreach": False}, {}):
+    refused(lambda: F.rmsprop([p], [g], [v], [], [], [s], lr=0.01,
+            rule=Rule(alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=True, maximize=False,
+                      eps_in_sqrt=False, nesterov=False, decoupled_weight_decay=False, lr_in_momentum=False,
+                      bias_correction=False), **backend), ValueError, "grad_avgs")
+    refused(lambda: F.rmsprop([p], [g], [v], [], [], [s], lr=0.01,
+            rule=Rule(alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=False, maximize=False,
+                      eps_in_sqrt=False, nesterov=False, decoupled_weight_decay=False, lr_in_momentum=False,
+                      bias_correction=False), **backend), ValueError, "momentum_buffers")
+    refused(lambda: F.rmsprop([p], [g], [], [], [], [s], lr=0.01, rule=Rule.from_group(rmsprop.options.DEFAULTS),
+            **backend), ValueError, "square_avgs")
+    assert torch.count_nonzero(v) == 0 and s.item() == 0
+""",
+    # 5. A one-element lr tensor of any shape, on every path, bit-identical to torch.
+    "5-lr-tensor-shapes": """
+for shape in ((), (1,), (1, 1)):
+    for foreach in (False, True):
+        kw = dict(momentum=0.9, centered=True, foreach=foreach)
+        torch.manual_seed(0)
+        a = torch.randn(20, requires_grad=True); b = a.detach().clone().requires_grad_()
+        ours = rmsprop.RMSprop([a], lr=torch.full(shape, 1e-3), **kw)
+        theirs = torch.optim.RMSprop([b], lr=torch.full(shape, 1e-3), **kw)
+        for _ in range(3):
+            g = torch.randn(20); a.grad, b.grad = g.clone(), g.clone()
+            ours.step(); theirs.step()
+        assert torch.equal(a, b), (shape, foreach)
+    a = torch.randn(20, requires_grad=True); a.grad = torch.randn(20)
+    fused = rmsprop.RMSprop([a], lr=torch.full(shape, 1e-3), fused=True)
+    fused.step()
+""",
+    # 6. The AMP flag: set only where the step consumes grad_scale / found_inf.
+    "6-amp-flag": """
+p = torch.randn(3, requires_grad=True)
+assert rmsprop.RMSprop([p])._step_supports_amp_scaling is False
+assert rmsprop.RMSprop([p], fused=False)._step_supports_amp_scaling is False
+assert rmsprop.RMSprop([p], fused=True)._step_supports_amp_scaling is True
+# the default with GradScaler: unscale_ then clip then step, as Lightning does
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+opt = rmsprop.RMSprop(model.parameters())
+scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+scaler.scale(model(torch.randn(8, 4)).pow(2).mean()).backward()
+scaler.unscale_(opt)
+torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+scaler.step(opt)
+scaler.update()
+""",
+    # 11a. A parameter replaced by a larger tensor between steps.
+    "11-param-grown": """
+for kw in ({}, {"fused": True}, {"foreach": True}):
+    p, opt = trained(**kw)
+    p.data = torch.randn(4096)
+    p.grad = torch.randn(4096)
+    before = p.detach().clone()
+    refused(opt.step, RuntimeError, "")
+    assert torch.equal(p, before)
+""",
+    # 11b. The fused step bumps version counters, so autograd notices a saved parameter changed.
+    "11-version-counters": """
+for kw in ({}, {"fused": True}, {"foreach": True}):
+    p = torch.randn(1000, requires_grad=True)
+    opt = rmsprop.RMSprop([p], momentum=0.9, **kw)
+    loss = (p * p).sum()          # saves p for the backward
+    p.grad = torch.randn(1000)
+    v0 = p._version
+    opt.step()
+    assert p._version > v0, kw
+    for key, t in opt.state[p].items():
+        assert t._version > 0, (key, kw)
+    refused(loss.backward, RuntimeError, "modified by an inplace operation")
+""",
+    # 11c. Inference tensors are refused outside inference mode, as torch refuses in-place updates.
+    "11-inference-tensors": """
+with torch.inference_mode():
+    ip = torch.randn(100)
+for kw in ({}, {"fused": True}, {"foreach": True}, {"foreach": False}):
+    opt = rmsprop.RMSprop([ip], **kw)
+    ip.grad = torch.randn(100)
+    before = ip.clone()
+    refused(opt.step, RuntimeError, "inference tensor")
+    assert torch.equal(ip, before) and len(opt.state) == 0
+# a parameter whose .data became an inference tensor after the first fused steps
+p, opt = trained(steps=2)
+with torch.inference_mode():
+    fresh = torch.randn(1000)
+p.data = fresh
+p.grad = torch.randn(1000)
+refused(opt.step, RuntimeError, "inference tensor")
+# inside inference mode the step works
+with torch.inference_mode():
+    q = torch.randn(10); q.grad = torch.randn(10)
+    o = rmsprop.RMSprop([q]); o.step()
+""",
+    # 11d. Gradients with the negative or conjugate bit are stepped in the right direction.
+    "11-neg-conj-bits": """
+z = torch.randn(50, dtype=torch.complex64)
+real_neg = z.conj().imag[:1]           # a 1-element real view with the negative bit
+assert real_neg.is_neg() and real_neg.is_contiguous()
+cases = [
+    (torch.randn(1), lambda: real_neg.clone()._neg_view() if False else real_neg),
+    (torch.randn(50, dtype=torch.complex64), lambda: torch.randn(50, dtype=torch.complex64).conj()),
+    (torch.randn(50), lambda: torch.randn(50)._neg_view()),
+]
+for p0, grad in cases:
+    g = grad()
+    assert g.is_neg() or g.is_conj()
+    for kw in ({}, {"fused": True}):
+        a = p0.clone().requires_grad_(); b = p0.clone().requires_grad_()
+        ours = rmsprop.RMSprop([a], momentum=0.9, **kw)
+        theirs = torch.optim.RMSprop([b], momentum=0.9, foreach=True)
+        a.grad, b.grad = g, g.resolve_neg().resolve_conj()
+        if kw.get("fused"):
+            refused(ours.step, RuntimeError, "negative bit")
+            continue
+        ours.step(); theirs.step()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+""",
+    # 11e. numpy scalars work; strings and tensors are refused where they enter.
+    "11-hyperparameter-types": """
+p = torch.randn(100, requires_grad=True); p.grad = torch.randn(100)
+opt = rmsprop.RMSprop([p], lr=np.float32(0.01), momentum=np.float64(0.9), alpha=np.float64(0.9),
+                      centered=np.bool_(True), weight_decay=np.int64(0))
+opt.step(); opt.step()
+assert type(opt.param_groups[0]["momentum"]) is float
+buffer = __import__("io").BytesIO(); torch.save(opt.state_dict(), buffer); buffer.seek(0)
+torch.load(buffer, weights_only=True)  # no numpy objects in the checkpoint
+for bad, exc, msg in [
+    ({"lr": "0.1"}, TypeError, "lr"),
+    ({"initial_square_avg": torch.tensor([1.0])}, TypeError, "initial_square_avg must be a number"),
+    ({"momentum": torch.tensor(0.9)}, TypeError, "momentum must be a number"),
+    ({"alpha": None}, TypeError, "alpha"),
+    ({"centered": "yes"}, TypeError, "centered"),
+    ({"eps": float("inf")}, ValueError, "eps"),
+]:
+    refused(lambda: rmsprop.RMSprop([p], **bad), exc, msg)
+    refused(lambda: opt.add_param_group({"params": [torch.randn(3, requires_grad=True)], **bad}), exc, msg)
+assert len(opt.param_groups) == 1
+refused(lambda: opt.add_param_group({"params": [torch.randn(3, requires_grad=True)], "fused": True,
+                                     "differentiable": True}), RuntimeError, "differentiable")
+refused(lambda: opt.add_param_group({"params": [torch.randn(3, requires_grad=True)], "fused": True,
+                                     "foreach": True}), RuntimeError, "cannot both")
+assert len(opt.param_groups) == 1
+""",
+    # 11f. load_state_dict with a broken step or hyperparameters changes nothing.
+    "11-load-state-dict": """
+p, opt = trained(steps=2, momentum=0.9)
+good = copy.deepcopy(opt.state_dict())
+for corrupt, msg in [
+    (lambda sd: sd["state"][0].__setitem__("step", "3"), "step"),
+    (lambda sd: sd["state"][0].__setitem__("step", None), "step"),
+    (lambda sd: sd["state"][0].__setitem__("step", torch.tensor(-1.0)), "step"),
+    (lambda sd: sd["param_groups"][0].__setitem__("lr", "fast"), "lr"),
+    (lambda sd: sd["param_groups"][0].__setitem__("alpha", 2.0), "alpha"),
+    (lambda sd: sd["param_groups"][0].__setitem__("nesterov", True) or sd["param_groups"][0].__setitem__("momentum", 0), "nesterov"),
+]:
+    bad = copy.deepcopy(good)
+    corrupt(bad)
+    refused(lambda: opt.load_state_dict(bad), (ValueError, TypeError), msg)
+    now = opt.state_dict()
+    assert now["param_groups"][0]["lr"] == good["param_groups"][0]["lr"]
+    for k, v in good["state"][0].items():
+        assert torch.equal(now["state"][0][k], v), k
+    p.grad = torch.randn(1000); opt.step()   # still steps
+    good = copy.deepcopy(opt.state_dict())
+# a step counter of another dtype loads and keeps working on every path
+for kw in ({}, {"fused": True}, {"foreach": True}):
+    p, opt = trained(steps=2, **kw)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["step"] = torch.tensor(2, dtype=torch.int64)
+    opt.load_state_dict(sd)
+    p.grad = torch.randn(1000); opt.step()
+    assert opt.state[p]["step"].item() == 3 and opt.state[p]["step"].dtype == torch.float32
+""",
+    # Aliasing: a gradient that is its own parameter, and parameters that overlap in memory.
+    "aliasing": """
+base = torch.randn(100)
+for kw in ({}, {"foreach": True}):
+    a = base.clone().requires_grad_(); b = base.clone().requires_grad_()
+    ours = rmsprop.RMSprop([a], **kw); theirs = torch.optim.RMSprop([b], foreach=True)
+    a.grad = a.detach(); b.grad = b.detach()        # the gradient IS the parameter
+    ours.step(); theirs.step()
+    assert torch.equal(a, b) or torch.allclose(a, b, rtol=1e-6), kw
+a = base.clone().requires_grad_(); a.grad = a.detach()
+refused(rmsprop.RMSprop([a], fused=True).step, RuntimeError, "shares memory")
+# two parameters that view one buffer
+buf = torch.randn(200)
+p1 = torch.nn.Parameter(buf[:120]); p2 = torch.nn.Parameter(buf[80:])
+p1.grad = torch.ones(120); p2.grad = torch.ones(120)
+refused(rmsprop.RMSprop([p1, p2], fused=True).step, RuntimeError, "shares memory")
+rmsprop.RMSprop([p1, p2]).step()   # the default routes them to torch's path
+# two parameters of one group sharing one state tensor
+p = torch.randn(1000, requires_grad=True); q = torch.randn(1000, requires_grad=True)
+opt = rmsprop.RMSprop([p, q], fused=True)
+p.grad = torch.randn(1000); q.grad = torch.randn(1000)
+opt.step()
+opt.state[q]["square_avg"] = opt.state[p]["square_avg"]
+p.grad = torch.randn(1000); q.grad = torch.randn(1000)
+snap = snapshot(opt, [p, q])
+refused(opt.step, RuntimeError, "shares memory")
+unchanged(opt, [p, q], snap)
+""",
+    # A gradient that starts aliasing another parameter in a steady loop (the kernel's cheap
+    # check of new gradients against the remembered spans of the persistent tensors).
+    "aliasing-in-a-steady-loop": """
+from rmsprop.backends.fused_cpu import native, kernel
+for fused in (True, None):
+    ps = [torch.randn(64, requires_grad=True) for _ in range(3)]
+    opt = rmsprop.RMSprop(ps, fused=fused)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(64)
+        opt.step()
+    ps[2].grad = ps[0].detach()        # reads what the same step writes
+    snap = snapshot(opt, ps)
+    if fused:
+        refused(opt.step, RuntimeError, "shares memory")
+        unchanged(opt, ps, snap)
+    else:
+        refs = [p.detach().clone().requires_grad_() for p in ps]
+        ref = rmsprop.RMSprop(refs, foreach=True)
+        ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for r, p in zip(refs, ps):
+            r.grad = p.grad.clone()
+        opt.step(); ref.step()          # the aliased pair went to torch's path: its order of reads
+        assert torch.allclose(ps[1], refs[1], rtol=1e-6)
+""",
+    # Validation before mutation across groups: a bad second group leaves the first untouched.
+    "groups-all-or-nothing": """
+for kw in ({}, {"fused": True}, {"foreach": True}):
+    ok = torch.randn(100, requires_grad=True); bad = torch.randn(100, requires_grad=True)
+    opt = rmsprop.RMSprop([{"params": [ok]}, {"params": [bad]}], **kw)
+    for _ in range(2):
+        ok.grad = torch.randn(100); bad.grad = torch.randn(100); opt.step()
+    ok.grad = torch.randn(100); bad.grad = torch.randn(100)
+    opt.state[bad]["square_avg"] = torch.zeros(7)
+    snap = snapshot(opt, [ok])
+    refused(opt.step, RuntimeError, "")
+    unchanged(opt, [ok], snap)
+""",
+    # Device-aware default: no CPU tensors, no CPU kernel and no warning about it.
+    "device-aware-default": """
+from rmsprop.backends.fused_cpu import native, kernel
+native.LIB = None; native._LOAD_ERROR = "simulated"
+calls = []
+kernel._Call.invoke = lambda *a, **k: calls.append(1)
+p = torch.zeros(10, device="meta", requires_grad=True)
+p.grad = torch.zeros(10, device="meta")
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    rmsprop.RMSprop([p]).step()
+assert calls == []
+""",
+}
+
+
+def _run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    script = PRELUDE + textwrap.dedent(code) + "\nprint('PROBE-OK')\n"
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env or os.environ.copy(),
+    )
+
+
+@pytest.mark.parametrize("name", list(PROBES))
+def test_probe(name):
+    result = _run(PROBES[name])
+    assert result.returncode == 0 and "PROBE-OK" in result.stdout, (
+        f"probe {name} exited with {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n"
+        f"--- stderr\n{result.stderr[-6000:]}"
+    )
+
+
+def test_a_crash_fails_a_probe():
+    """The harness itself: a segfault in the subprocess is a failure, not a pass."""
+    result = _run("import ctypes; ctypes.string_at(0)")
+    assert result.returncode != 0 and "PROBE-OK" not in result.stdout
