@@ -366,10 +366,11 @@ def save(results: dict, out: Path, plot: bool) -> list[Path]:
     if plot and (why := plotting_unavailable()):
         raise RuntimeError(why)
     out.mkdir(parents=True, exist_ok=True)
-    tables = markdown_table(results) + "\n" + sweep_tables(results) + "\n"
     written = [
         _write_whole(out / "bench.json", lambda p: p.write_text(json.dumps(results, indent=2))),
-        _write_whole(out / "bench.md", lambda p: p.write_text(tables)),
+        _write_whole(
+            out / "bench.md", lambda p: p.write_text(markdown_table(results) + "\n" + sweep_tables(results) + "\n")
+        ),
     ]
     if plot:
         written.append(_write_whole(out / "bench.png", lambda p: _plot(results, p)))
