@@ -314,6 +314,31 @@ snap = snapshot(opt, [p, q])
 refused(opt.step, RuntimeError, "shares memory")
 unchanged(opt, [p, q], snap)
 """,
+    # A gradient that starts aliasing another parameter in a steady loop (the kernel's cheap
+    # check of new gradients against the remembered spans of the persistent tensors).
+    "aliasing-in-a-steady-loop": """
+from rmsprop.backends.fused_cpu import native, kernel
+for fused in (True, None):
+    ps = [torch.randn(64, requires_grad=True) for _ in range(3)]
+    opt = rmsprop.RMSprop(ps, fused=fused)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(64)
+        opt.step()
+    ps[2].grad = ps[0].detach()        # reads what the same step writes
+    snap = snapshot(opt, ps)
+    if fused:
+        refused(opt.step, RuntimeError, "shares memory")
+        unchanged(opt, ps, snap)
+    else:
+        refs = [p.detach().clone().requires_grad_() for p in ps]
+        ref = rmsprop.RMSprop(refs, foreach=True)
+        ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for r, p in zip(refs, ps):
+            r.grad = p.grad.clone()
+        opt.step(); ref.step()          # the aliased pair went to torch's path: its order of reads
+        assert torch.allclose(ps[1], refs[1], rtol=1e-6)
+""",
     # Validation before mutation across groups: a bad second group leaves the first untouched.
     "groups-all-or-nothing": """
 for kw in ({}, {"fused": True}, {"foreach": True}):

@@ -184,7 +184,11 @@ const rms_field *rmsprop_layout(int32_t which, int64_t *count, int64_t *struct_s
     default: *count = 0; *struct_size = 0; return NULL;
     }
 }
-int64_t rmsprop_record_size(void) { return (int64_t)sizeof(rms_record); }
+/* Forward declarations for the memo's layout (defined with the overlap check below). */
+typedef struct rms_span_s rms_span;
+static int64_t memo_bytes(int64_t n);
+/* Bytes of the caller's memo for n records (see rmsprop_step). */
+int64_t rmsprop_memo_size(int64_t n) { return n < 0 ? -1 : memo_bytes(n); }
 
 /* Install torch's shim functions. Returns 0, or -1 when the struct does not match or a function
  * is missing (the kernel then stays unavailable). */
@@ -394,11 +398,25 @@ static int8_t validate_record(const rms_lists *L, int64_t t, const rms_call *cal
 }
 
 /* ------------------------------------------------------------------ overlap check */
-typedef struct {
+struct rms_span_s {
     uintptr_t start, end;
     int64_t record;
     int32_t written, which;
-} rms_span;
+};
+
+/* The caller's memo: the previous step's records, and the sorted spans of the tensors that
+ * persist between steps (parameters and state), which a steady loop checks new gradients
+ * against without sorting again. */
+typedef struct {
+    int64_t n, n_spans, spans_valid, reserved;
+} rms_memo_header;
+#define RMS_PERSISTED_PER_RECORD 5 /* p, v, m, b, step */
+static int64_t memo_bytes(int64_t n) {
+    return (int64_t)(sizeof(rms_memo_header) + (size_t)n * sizeof(rms_record) +
+                     (size_t)n * RMS_PERSISTED_PER_RECORD * sizeof(rms_span));
+}
+static rms_record *memo_records(void *memo) { return (rms_record *)((rms_memo_header *)memo + 1); }
+static rms_span *memo_spans(void *memo, int64_t n) { return (rms_span *)(memo_records(memo) + n); }
 
 /* LSD radix sort of spans by start address, 8 bits a pass; passes whose byte is the same for
  * every key are skipped (user-space addresses share their top bytes). */
@@ -423,11 +441,22 @@ static int sort_spans(rms_span *a, int64_t n) {
     return 0;
 }
 
+static void mark(int8_t *status, int64_t record, int32_t which, int64_t *marked) {
+    if (status[record] == 0) {
+        status[record] = RMS_STATUS(RMS_ST_OVERLAP, which);
+        (*marked)++;
+    }
+}
+
 /* Mark every record whose memory a written tensor shares with another tensor of the step (a
  * gradient aliasing its parameter, two parameters viewing one buffer, a state tensor shared by
- * two parameters...). Returns the number of records marked, or -1 when out of memory. */
-static int64_t mark_overlaps(const rms_record *recs, int64_t n, const rms_call *call, int8_t *status) {
+ * two parameters...). With `save` (room for 5n spans), the persistent tensors' spans are kept
+ * there in address order when nothing overlaps. Returns the number of records marked, or -1
+ * when out of memory. */
+static int64_t mark_overlaps(const rms_record *recs, int64_t n, const rms_call *call, int8_t *status,
+                             rms_span *save, int64_t *saved) {
     int64_t cap = 6 * n, k = 0, marked = 0;
+    if (saved) *saved = 0;
     if (cap == 0) return 0;
     rms_span *spans = (rms_span *)malloc(sizeof(rms_span) * (size_t)cap);
     if (!spans) return -1;
@@ -459,13 +488,43 @@ static int64_t mark_overlaps(const rms_record *recs, int64_t n, const rms_call *
         if (x->written && x->start < max_any) { partner = rec_any; partner_which = which_any; }
         else if (!x->written && x->start < max_written) { partner = rec_written; partner_which = which_written; }
         if (partner >= 0) {
-            if (status[x->record] == 0) { status[x->record] = RMS_STATUS(RMS_ST_OVERLAP, x->which); marked++; }
-            if (status[partner] == 0) { status[partner] = RMS_STATUS(RMS_ST_OVERLAP, partner_which); marked++; }
+            mark(status, x->record, x->which, &marked);
+            mark(status, partner, partner_which, &marked);
         }
         if (x->end > max_any) { max_any = x->end; rec_any = x->record; which_any = x->which; }
         if (x->written && x->end > max_written) { max_written = x->end; rec_written = x->record; which_written = x->which; }
     }
+    if (save && marked == 0) { /* disjoint: the persistent spans, in order, for the next steps */
+        int64_t m = 0;
+        for (int64_t i = 0; i < k; i++)
+            if (spans[i].which != RMS_T_GRAD) save[m++] = spans[i];
+        *saved = m;
+    }
     free(spans);
+    return marked;
+}
+
+/* The same check when only the gradients are new: each (read-only) gradient against the
+ * persistent spans of the previous step, which are disjoint and sorted, so their ends increase
+ * too and one binary search finds the only candidate. */
+static int64_t mark_grad_overlaps(const rms_record *recs, int64_t n, const rms_span *spans, int64_t k,
+                                  int8_t *status) {
+    int64_t marked = 0;
+    for (int64_t t = 0; t < n; t++) {
+        const rms_record *r = &recs[t];
+        if (!r->valid || !r->g || r->numel == 0) continue;
+        uintptr_t gs = (uintptr_t)r->g, ge = gs + (size_t)r->numel * storage_size(r->kind);
+        int64_t lo = 0, hi = k; /* first span whose end is past the gradient's start */
+        while (lo < hi) {
+            int64_t mid = lo + (hi - lo) / 2;
+            if (spans[mid].end > gs) hi = mid;
+            else lo = mid + 1;
+        }
+        if (lo < k && spans[lo].start < ge) {
+            mark(status, t, RMS_T_GRAD, &marked);
+            mark(status, spans[lo].record, spans[lo].which, &marked);
+        }
+    }
     return marked;
 }
 
@@ -672,8 +731,9 @@ static int unchanged(const rms_record *old, const rms_record *now) {
 
 /*
  * Validate, then (mode RUN) apply one step to every record, or (mode STREAM) stream the bytes
- * of a plain fp32 step over them. `records` (n * rmsprop_record_size() bytes) is the caller's
- * memory of the previous step, read for RMS_REQUIRE_UNCHANGED and rewritten on a step. `status`
+ * of a plain fp32 step over them. `records` (rmsprop_memo_size(n) bytes, zeroed at first) is
+ * the caller's memory of the previous step, read for RMS_REQUIRE_UNCHANGED and rewritten on a
+ * step. `status`
  * (n bytes, or NULL) is in and out: on entry a nonzero byte keeps that record from the kernel
  * (the caller routes it elsewhere); on return every record's status. `bad` (or NULL) gets the
  * first record with a nonzero status. With RMS_REQUIRE_UNCHANGED, a record that fails or a
@@ -716,19 +776,33 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
         failures += st[t] != 0;
         if (!st[t]) total += fresh[t].numel;
     }
-    int64_t overlapping = mark_overlaps(fresh, n, &checked, st);
     const int require_unchanged = (call->mode & RMS_REQUIRE_UNCHANGED) != 0;
-    rms_record *memo = (rms_record *)records;
+    const int grad_written = call->write_back && call->grad_scale;
+    rms_memo_header *hdr = (rms_memo_header *)records;
+    rms_record *memo = n > 0 ? memo_records(records) : NULL;
+    rms_span *spans = n > 0 ? memo_spans(records, n) : NULL;
     int32_t result = RMS_OK;
-    if (overlapping < 0) {
-        result = RMS_NO_MEMORY;
-    } else if (failures + overlapping > 0) {
+    int64_t overlapping = 0, saved = 0;
+    if (failures > 0) {
         /* with RMS_REQUIRE_UNCHANGED the caller expected every other record to pass as before */
         result = require_unchanged ? RMS_CHANGED : RMS_INVALID;
     } else if (require_unchanged) {
-        for (int64_t t = 0; t < n; t++)
-            if (fresh[t].valid && !unchanged(&memo[t], &fresh[t])) { result = RMS_CHANGED; break; }
+        int same = n > 0 && hdr->n == n;
+        for (int64_t t = 0; same && t < n; t++)
+            if (fresh[t].valid && !unchanged(&memo[t], &fresh[t])) same = 0;
+        if (!same) {
+            result = RMS_CHANGED;
+        } else if (hdr->spans_valid && !grad_written) {
+            overlapping = mark_grad_overlaps(fresh, n, spans, hdr->n_spans, st);
+        } else {
+            overlapping = mark_overlaps(fresh, n, &checked, st, NULL, NULL);
+        }
+        if (result == RMS_OK && overlapping > 0) result = RMS_CHANGED;
+    } else {
+        overlapping = mark_overlaps(fresh, n, &checked, st, mode == RMS_MODE_RUN && n > 0 ? spans : NULL, &saved);
+        if (overlapping > 0) result = RMS_INVALID;
     }
+    if (overlapping < 0) result = RMS_NO_MEMORY;
     if (status) memcpy(status, st, (size_t)n);
     if (bad && result != RMS_OK)
         for (int64_t t = 0; t < n; t++)
@@ -771,7 +845,14 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
     int variant = plain | (call->eps_in_sqrt ? 2 : 0) | (coupled ? 4 : 0) | (((call->centered != 0) * 3 + mom_kind) << 3);
     int write_back = call->grad_scale != NULL && call->write_back;
     run_parallel(fresh, n, total, inv_corr, &c, variant, write_back, 0, num_threads);
-    memcpy(memo, fresh, sizeof(rms_record) * (size_t)n);
+    if (n > 0) { /* remember this step: its records, and (after a full check) its persistent spans */
+        memcpy(memo, fresh, sizeof(rms_record) * (size_t)n);
+        if (!require_unchanged) {
+            hdr->n = n;
+            hdr->n_spans = saved;
+            hdr->spans_valid = 1;
+        }
+    }
 
 done:
     free(fresh);

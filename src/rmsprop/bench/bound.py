@@ -32,7 +32,7 @@ def stream_bound(
     lists = native.Lists(param=address[0], grad=address[1], square_avg=address[2], step=address[3])
     call = native.Call(mode=native.MODE_STREAM, dtype_mask=1)
     n = len(params)
-    records = bytearray(max(n, 1) * native.RECORD_SIZE)
+    records = bytearray(native.memo_size(n))
     records_address = native.buffer_address(records)
 
     def stream() -> None:

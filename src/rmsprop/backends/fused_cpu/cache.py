@@ -37,7 +37,7 @@ class Entry:
         self.persisted = tuple(tuple(lst) for lst in persisted)  # params, square_avgs, grad_avgs, bufs, steps
         self.columns = tuple(native.handles(lst) if lst else None for lst in self.persisted)
         n = len(self.persisted[0])
-        self.records = bytearray(max(n, 1) * native.RECORD_SIZE)  # the kernel's memory of the last step
+        self.records = bytearray(native.memo_size(n))  # the kernel's memory of the last step
         self.excluded = bytearray(n)  # nonzero: the kernel does not take this record (its status)
         self.has_complex = has_complex
         self.grad_caused = False  # an exclusion came from a gradient (it may differ next step)

@@ -33,7 +33,7 @@ import torch
 
 from ...options import RULE_OPTIONS
 
-__all__ = ["LIB", "load_error", "is_available", "Lists", "Call", "LIST_NAMES", "handles", "RECORD_SIZE"]
+__all__ = ["LIB", "load_error", "is_available", "Lists", "Call", "LIST_NAMES", "handles", "memo_size"]
 
 ABI_VERSION = 2
 # Element kinds of the C side, in its order, and the dtypes they are.
@@ -251,7 +251,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
             ctypes.POINTER(ctypes.c_int64),
         ]
         lib.rmsprop_step.restype = ctypes.c_int32
-        lib.rmsprop_record_size.restype = ctypes.c_int64
+        lib.rmsprop_memo_size.argtypes = [ctypes.c_int64]
+        lib.rmsprop_memo_size.restype = ctypes.c_int64
         for name in ("rmsprop_f16_to_f32", "rmsprop_f32_to_f16"):
             getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
             getattr(lib, name).restype = ctypes.c_int32
@@ -289,7 +290,11 @@ def _torch_openmp_entry() -> int | None:
 
 
 LIB, _LOAD_ERROR = _load()
-RECORD_SIZE = LIB.rmsprop_record_size() if LIB is not None else 0
+
+
+def memo_size(n: int) -> int:
+    """Bytes of the kernel's memo of a previous step for n tensors (see rmsprop_step)."""
+    return LIB.rmsprop_memo_size(n)
 
 
 def is_available() -> bool:
