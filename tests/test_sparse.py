@@ -377,3 +377,20 @@ def test_an_unsupported_layout_is_refused():
             [p], [torch.ones(4, 4).to_mkldnn()], [square_avg], [], [], [step], lr=0.1, rule=_rule()
         )
     assert torch.all(p == 0) and torch.all(square_avg == 0) and step.item() == 0
+
+
+def test_a_compiled_step_with_lazy_sparse_gradients_is_the_eager_step():
+    """dynamo does not trace sparse tensors: the step runs eagerly, with the group's lazy_sparse
+    honoured (the compiled path would otherwise see only dense lists)."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        w = _start().requires_grad_()
+        opt = rmsprop.RMSprop([w], momentum=0.9, lazy_sparse=True)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for g in _sparse_grads()[:2]:
+            w.grad = g
+            step()
+        results.append(w.detach().clone())
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[1][6], _start()[6])

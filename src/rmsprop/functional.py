@@ -351,7 +351,6 @@ def _lazy_rows(lists: Lists, chosen: list[int], *, cache, check_now, **kwargs) -
     return run
 
 
-@torch.compiler.disable
 def _eager_sparse_step(lists, lr, rule, foreach, fused, differentiable, lazy_sparse) -> None:
     prepare(
         *lists, lr=lr, rule=rule, foreach=foreach, fused=fused, differentiable=differentiable,
@@ -368,7 +367,9 @@ def _compiled(
     params = lists[0]
     if not all(g.layout is torch.strided for g in lists[1]):
         # dynamo does not trace sparse tensors: such a step runs eagerly, outside the graph
-        return lambda: _eager_sparse_step(lists, lr, rule, foreach, fused, differentiable, lazy_sparse)
+        # (disabled here, not at import: the decorator would import dynamo with this module)
+        eager = torch.compiler.disable(_eager_sparse_step)
+        return lambda: eager(lists, lr, rule, foreach, fused, differentiable, lazy_sparse)
     kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
     # dynamo traces every optimizer with capturable=True (its note "torch.compile x capturable"),
     # which means nothing to a CPU kernel: only the user's own choices decide here
