@@ -367,6 +367,16 @@ def _rule(**options):
     return Rule.from_group({**DEFAULTS, **options})
 
 
+def test_functional_lazy_rows_refuse_differentiable():
+    weight, square_avg, step = _start(), torch.zeros(ROWS, DIM, dtype=torch.float64), torch.zeros(())
+    with pytest.raises(RuntimeError, match="lazy_sparse=True does not support differentiable"):
+        rmsprop.functional.rmsprop(
+            [weight], _sparse_grads()[:1], [square_avg], [], [], [step], lr=0.1, rule=_rule(),
+            lazy_sparse=True, differentiable=True, foreach=False,
+        )  # fmt: skip
+    assert torch.equal(weight, _start()) and step.item() == 0
+
+
 def test_an_unsupported_layout_is_refused():
     """A layout that is neither strided nor one of torch's sparse layouts (mkldnn, which the grad
     setter refuses: through the functional API)."""

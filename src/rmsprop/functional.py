@@ -320,6 +320,8 @@ def _lazy_rows(lists: Lists, chosen: list[int], *, cache, check_now, **kwargs) -
     temporaries, stepped by the same backend choice (one call for all of them), then written
     back. Everything is validated before the returned step writes anything."""
     params = lists[0]
+    if kwargs["differentiable"]:  # the option table refuses it for the optimizer; this is the functional API
+        raise RuntimeError("lazy_sparse=True does not support differentiable=True; nothing was updated")
     # The state must match its parameter before rows are gathered from it (gathering from a
     # tensor of another shape would fail with an indexing error, or read the wrong rows): the
     # torch-path checks, with the parameters standing in for the gradients they already passed.
