@@ -73,12 +73,12 @@ def test_default_on_cpu_is_the_fused_kernel(monkeypatch):
 
 @pytest.mark.parametrize("dtype", list(HALF_ULP), ids=str)
 @pytest.mark.parametrize("options", [{}, FULL, {"momentum": 0.9, "nesterov": True, "eps_in_sqrt": True}])
-def test_low_precision_within_one_rounding(dtype, options):
+def test_low_precision_within_one_rounding(dtype, options, isa):
     """fp32 math, one rounding per stored value: every output is within half a ulp of the exact
     result of the same inputs (plus fp32's own error, far smaller)."""
     half_ulp = HALF_ULP[dtype]
     gen = torch.Generator().manual_seed(0)
-    n = 4096
+    n = 4099  # not a multiple of the 512-element blocks or the 8-wide vectors: tails too
     p = (torch.randn(n, generator=gen)).to(dtype).requires_grad_()
     g = torch.randn(n, generator=gen).to(dtype)
     opt = rmsprop.RMSprop([p], lr=0.01, alpha=0.9, fused=True, **options)
@@ -431,40 +431,79 @@ def _convert(name: str, source: torch.Tensor, out: torch.Tensor) -> None:
     assert status == 0, status
 
 
-def test_fp16_conversions_match_torch_exhaustively():
-    """The kernel's integer fp16 <-> fp32 conversions: every half loads exactly, and every
-    rounding decision (each half, each midpoint between neighbours, and the floats next to
-    them, both signs, inf, NaN, overflow) stores as torch's round-to-nearest-even does."""
-    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+@pytest.fixture(params=["portable", "best"])
+def isa(request):
+    """Each test runs with the portable conversions and with the best this CPU has (AVX2, F16C):
+    both must round exactly like torch."""
+    chosen = native.use_isa(request.param)
+    yield chosen
+    native.use_isa("best")
+
+
+def _rounding_candidates(values: torch.Tensor) -> torch.Tensor:
+    """Every representable value, each midpoint between neighbours, the floats next to those
+    (both signs), and the extremes: every rounding decision a conversion makes."""
+    values = values.double().unique().sort().values
+    cand = torch.cat([values, (values[1:] + values[:-1]) / 2]).float()
+    cand = torch.cat([cand, torch.nextafter(cand, cand + 1), torch.nextafter(cand, cand - 1)])
+    extremes = [float("inf"), -float("inf"), float("nan"), 65504.0, 65519.99, 65520.0, 1e9, 3.4e38,
+                -3.4e38, 2.9802322e-08, 1e-45, 0.0, -0.0]  # fmt: skip
+    # odd lengths exercise the vector loops' scalar tails
+    return torch.cat([cand, torch.tensor(extremes)]).contiguous()[:-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_conversions_match_torch_exhaustively(dtype, isa):
+    """The kernel's fp16 / bf16 <-> fp32 conversions: every 16-bit value loads exactly, and every
+    rounding decision stores as torch's round-to-nearest-even does."""
+    short = "f16" if dtype == torch.float16 else "bf16"
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
     loaded = torch.empty(halves.numel(), dtype=torch.float32)
-    _convert("rmsprop_f16_to_f32", halves, loaded)
+    _convert(f"rmsprop_{short}_to_f32", halves, loaded)
     expected = halves.float()
     assert torch.equal(loaded.isnan(), expected.isnan())
     finite = ~expected.isnan()
     assert torch.equal(loaded[finite].view(torch.int32), expected[finite].view(torch.int32))
 
-    values = halves[~halves.isnan()].double().unique().sort().values
-    cand = torch.cat([values, (values[1:] + values[:-1]) / 2]).float()
-    cand = torch.cat([cand, torch.nextafter(cand, cand + 1), torch.nextafter(cand, cand - 1)])
-    extremes = [
-        float("inf"),
-        -float("inf"),
-        float("nan"),
-        65504.0,
-        65519.99,
-        65520.0,
-        1e9,
-        2.9802322e-08,
-        0.0,
-        -0.0,
-    ]
-    cand = torch.cat([cand, torch.tensor(extremes)]).contiguous()
-    stored = torch.empty(cand.numel(), dtype=torch.float16)
-    _convert("rmsprop_f32_to_f16", cand, stored)
-    want = cand.half()
+    cand = _rounding_candidates(halves[~halves.isnan()])
+    stored = torch.empty(cand.numel(), dtype=dtype)
+    _convert(f"rmsprop_f32_to_{short}", cand, stored)
+    want = cand.to(dtype)
     assert torch.equal(stored.isnan(), want.isnan())
     keep = ~want.isnan()
     assert torch.equal(stored[keep].view(torch.int16), want[keep].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", list(HALF_ULP), ids=str)
+def test_low_precision_steps_are_bit_identical_on_every_isa(dtype):
+    """The blocked low-precision loop gives the same bits whichever conversions run, with the
+    gradient unscaled in place (GradScaler) and every buffer in use."""
+
+    def train(chosen):
+        native.use_isa(chosen)
+        try:
+            gen = torch.Generator().manual_seed(0)
+            p = torch.randn(1031, generator=gen).to(dtype).requires_grad_()
+            opt = rmsprop.RMSprop([p], lr=0.01, fused=True, **FULL)
+            opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+            grads = []
+            for _ in range(4):
+                p.grad = (torch.randn(1031, generator=gen) * 8).to(dtype)
+                opt.step()
+                grads.append(p.grad.clone())
+            return [p.detach().clone(), *grads, *(opt.state[p][k].clone() for k in sorted(opt.state[p]))]
+        finally:
+            native.use_isa("best")
+
+    for a, b in zip(train("portable"), train("best"), strict=True):
+        assert torch.equal(a.view(torch.int16) if a.dtype == dtype else a, b.view(torch.int16) if b.dtype == dtype else b)
+
+
+def test_the_best_conversions_are_in_use():
+    """On x86-64 with AVX2 + F16C (the benchmark machine) the kernel picks them."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx2" in flags and " f16c" in flags:
+        assert native.isa() == "avx2+f16c"
 
 
 def test_conversion_hooks_refuse_mismatched_tensors():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -58,43 +59,64 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
-    import time
+def _compare_output_folder(text: str):
+    """The --out folder, created if missing, or a one-line error before any work starts."""
+    import tempfile
     from pathlib import Path
 
-    from .experiments import report
-    from .experiments.runner import run_compare, to_json
-
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"rmsprop compare: --out {text} is an existing file; give a folder for the report")
     try:
-        from tqdm import tqdm
-    except ImportError as exc:
-        raise SystemExit("rmsprop compare needs the report extra: pip install 'rmsprop[report]'") from exc
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise SystemExit(f"rmsprop compare: cannot write to --out {text}: {exc.strerror or exc}") from None
+    return out
 
-    def progress(iterable, total):
-        return tqdm(iterable, total=total, desc="training runs", unit="run", smoothing=0.05)
 
+def _compare(args: argparse.Namespace) -> int:
+    import time
+
+    missing = [m for m in ("tqdm", "matplotlib", "sklearn", "gymnasium") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(
+            f"rmsprop compare needs the report extra (missing: {', '.join(missing)}): pip install 'rmsprop[report]'"
+        )
+    out = _compare_output_folder(args.out)
+
+    from tqdm import tqdm
+
+    from .experiments import report
+    from .experiments.runner import default_workers, run_compare, run_details
+
+    workers = args.workers or default_workers()
     start = time.perf_counter()
-    results = run_compare(
-        quick=args.quick,
-        tasks=args.tasks,
-        optimizers=args.optimizers,
-        seeds=args.seeds,
-        seed=args.seed,
-        workers=args.workers,
-        progress=progress,
-    )
-    results["setup"]["seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(to_json(results))
-    paths = report.write(results, out)
-    width = max(len(c["claim"]) for c in results["claims"]) if results["claims"] else 0
-    print(f"\n{'claim':<{width}}  verdict")
-    for c in results["claims"]:
+    try:
+        results = run_compare(
+            quick=args.quick,
+            tasks=args.tasks,
+            optimizers=args.optimizers,
+            selection_seeds=args.selection_seeds,
+            report_seeds=args.report_seeds,
+            seed=args.seed,
+            workers=workers,
+            progress=lambda total: tqdm(total=total, desc="training runs", unit="run", smoothing=0.05),
+        )
+        results["setup"]["run"] = run_details(time.perf_counter() - start, workers, " ".join(sys.argv))
+        paths = report.write(results, out)
+    except KeyboardInterrupt:
+        print("\nrmsprop compare: interrupted; the workers are stopped and no report was written", file=sys.stderr)
+        return 130
+    primary = [c for c in results["claims"] if c["primary"]]
+    width = max((len(c["claim"]) for c in primary), default=5)
+    print(f"\n{'claim':<{width}}  verdict ({primary[0]['rmsprop'] if primary else 'RMSProp'})")
+    for c in primary:
         print(f"{c['claim']:<{width}}  {c['verdict']}")
     print(
-        f"\n{len(results['tasks'])} tasks in {results['setup']['seconds']} s; wrote {out / 'results.json'}, "
-        + ", ".join(str(p) for p in paths[:2])
+        f"\n{len(results['tasks'])} tasks, {results['setup']['runs']} training runs in "
+        f"{results['setup']['run']['seconds']} s; wrote " + ", ".join(str(p) for p in paths[:3])
     )
     return 0
 
@@ -138,12 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_bench)
 
+    from .experiments import FULL_TIME, QUICK_TIME
     from .experiments.optimizers import OPTIMIZERS
     from .experiments.tasks import TASKS
 
     compare = sub.add_parser("compare", help="test RMSProp's claims with real training runs; write a report")
     compare.add_argument(
-        "--quick", action="store_true", help="small sizes, 3 learning rates, 2 seeds (< 90 s)"
+        "--quick",
+        action="store_true",
+        help=f"small sizes, 4 lrs, 1 selection + 2 report seeds, no RMSProp variants ({QUICK_TIME})",
     )
     compare.add_argument(
         "--tasks", nargs="+", choices=list(TASKS), metavar="NAME", help=f"from {list(TASKS)}"
@@ -152,14 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizers", nargs="+", choices=list(OPTIMIZERS), metavar="NAME", help=f"from {list(OPTIMIZERS)}"
     )
     compare.add_argument(
-        "--seeds", type=_positive_int, default=None, help="seeds per setting (default 2 quick, 3 full)"
+        "--selection-seeds",
+        type=_positive_int,
+        default=None,
+        help="seeds the lr is chosen on (default 1 quick, 2 full)",
     )
-    compare.add_argument("--seed", type=int, default=0, help="first seed")
+    compare.add_argument(
+        "--report-seeds",
+        type=_positive_int,
+        default=None,
+        help="further seeds every reported number comes from (default 2 quick, 3 full)",
+    )
+    compare.add_argument("--seed", type=int, default=0, help="first seed (selection seeds first, then report)")
     compare.add_argument(
         "--workers", type=_positive_int, default=None, help="worker processes (default: up to 2)"
     )
     compare.add_argument(
-        "--out", required=True, help="folder for results.json, report.md, report.html and the plots"
+        "--out",
+        required=True,
+        help=f"folder for results.json, report.md, report.html and the plots (full run: {FULL_TIME})",
     )
     compare.set_defaults(run=_compare)
     return parser

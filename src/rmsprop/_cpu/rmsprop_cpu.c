@@ -190,7 +190,9 @@ static int64_t memo_bytes(int64_t n);
 /* Bytes of the caller's memo for n records (see rmsprop_step). */
 int64_t rmsprop_memo_size(int64_t n) { return n < 0 ? -1 : memo_bytes(n); }
 
-/* Install torch's shim functions. Returns 0, or -1 when the struct does not match or a function
+int32_t rmsprop_set_isa(int32_t isa);
+
+/* Install torch's shim functions (and choose the conversions this CPU runs best). Returns 0, or -1 when the struct does not match or a function
  * is missing (the kernel then stays unavailable). */
 int32_t rmsprop_init(const rms_torch_api *api) {
     if (!api || api->struct_size != (int64_t)sizeof(rms_torch_api)) return -1;
@@ -198,6 +200,7 @@ int32_t rmsprop_init(const rms_torch_api *api) {
         !api->device_type || !api->layout || !api->sizes || !api->strides)
         return -1;
     g_api = *api;
+    rmsprop_set_isa(-1);
     atomic_store(&g_api_ready, 1);
     return 0;
 }
@@ -216,12 +219,12 @@ RMS_INLINE float bf16_load(uint16_t h) {
     memcpy(&f, &u, sizeof f);
     return f;
 }
-RMS_INLINE uint16_t bf16_store(float f) { /* round to nearest even; NaN stays NaN */
+RMS_INLINE uint16_t bf16_store(float f) { /* round to nearest even; NaN becomes torch's 0x7fc0 */
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
     uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)(nan ? ((u >> 16) | 0x40u) : rounded);
+    return (uint16_t)(nan ? 0x7fc0u : rounded);
 }
 
 /* IEEE binary16 <-> binary32 with integer operations only, so the loops vectorise (GCC 12 turns
@@ -610,6 +613,211 @@ DEFINE_LOOP(loop_f64, double, double, sqrt, ID, ID)
 DEFINE_LOOP(loop_bf16, uint16_t, float, sqrtf, bf16_load, bf16_store)
 DEFINE_LOOP(loop_f16, uint16_t, float, sqrtf, f16_load, f16_store)
 
+/* ------------------------------------------------------------------ array conversions
+ * bf16 / fp16 <-> fp32 over arrays, chosen at run time: AVX2 (bf16, integer rounding) and F16C
+ * (fp16, the hardware's round-to-nearest-even) where the CPU has them, else the portable scalar
+ * code above, which compilers vectorise only partly. Every variant rounds identically (the
+ * exhaustive tests check each one against torch on every half value and rounding boundary). */
+typedef void (*rms_to_f32_fn)(const uint16_t *in, float *out, int64_t n);
+typedef void (*rms_from_f32_fn)(const float *in, uint16_t *out, int64_t n);
+
+static void bf16_to_f32_portable(const uint16_t *in, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = bf16_load(in[i]);
+}
+static void f32_to_bf16_portable(const float *in, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = bf16_store(in[i]);
+}
+static void f16_to_f32_portable(const uint16_t *in, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = f16_load(in[i]);
+}
+static void f32_to_f16_portable(const float *in, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = f16_store(in[i]);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define RMS_HAVE_X86_SIMD 1
+__attribute__((target("avx2"))) static void bf16_to_f32_avx2(const uint16_t *in, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(in + i)));
+        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+    }
+    for (; i < n; i++) out[i] = bf16_load(in[i]);
+}
+__attribute__((target("avx2,f16c"))) static void vstore_bf16_array(const float *in, uint16_t *out, int64_t n);
+static void f32_to_bf16_avx2(const float *in, uint16_t *out, int64_t n) { vstore_bf16_array(in, out, n); }
+__attribute__((target("avx2,f16c"))) static void f16_to_f32_f16c(const uint16_t *in, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
+    for (; i < n; i++) out[i] = f16_load(in[i]);
+}
+__attribute__((target("avx2,f16c"))) static void f32_to_f16_f16c(const float *in, uint16_t *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) out[i] = f16_store(in[i]);
+}
+#endif
+
+typedef struct {
+    rms_to_f32_fn bf16_in, f16_in;
+    rms_from_f32_fn bf16_out, f16_out;
+} rms_converters;
+static const rms_converters portable_converters = {bf16_to_f32_portable, f16_to_f32_portable, f32_to_bf16_portable,
+                                                   f32_to_f16_portable};
+static rms_converters g_cvt = {bf16_to_f32_portable, f16_to_f32_portable, f32_to_bf16_portable, f32_to_f16_portable};
+static atomic_int g_isa = 0; /* 0 portable, 1 AVX2 (+F16C for fp16) */
+
+/* The best conversions this CPU runs (isa = -1), or the portable ones (isa = 0) — for tests,
+ * which check both. Returns the ISA in use. */
+int32_t rmsprop_set_isa(int32_t isa) {
+    rms_converters chosen = portable_converters;
+    int32_t got = 0;
+#ifdef RMS_HAVE_X86_SIMD
+    if (isa != 0) {
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2")) {
+            chosen.bf16_in = bf16_to_f32_avx2;
+            chosen.bf16_out = f32_to_bf16_avx2;
+            got = 1;
+            if (__builtin_cpu_supports("f16c")) {
+                chosen.f16_in = f16_to_f32_f16c;
+                chosen.f16_out = f32_to_f16_f16c;
+                got = 2;
+            }
+        }
+    }
+#else
+    (void)isa;
+#endif
+    g_cvt = chosen;
+    atomic_store(&g_isa, got);
+    return got;
+}
+int32_t rmsprop_isa(void) { return atomic_load(&g_isa); }
+
+/* ------------------------------------------------------------------ bf16 / fp16, fused in registers
+ * With AVX2 (and F16C for fp16) the low-precision loops convert and compute eight values at a
+ * time in registers: one pass over memory, as for fp32. The operations are the scalar loop's, in
+ * its order, each correctly rounded (IEEE add, mul, div, sqrt; no contraction into FMA), so the
+ * results are the scalar loop's bit for bit. The last n % 8 values go through the same vector
+ * code on an 8-value copy. Without AVX2 the scalar loops above run (DEFINE_LOOP). */
+#ifdef RMS_HAVE_X86_SIMD
+#define RMS_AVX2 __attribute__((target("avx2,f16c")))
+RMS_AVX2 static inline __m256 vload_bf16(const uint16_t *x) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x)), 16));
+}
+/* bf16_store, eight at a time: u + 0x7fff + (the kept lowest bit) rounds half to even in the
+ * top 16 bits, a NaN becomes torch's 0x7fc0, and one byte shuffle gathers the top halves. */
+RMS_AVX2 static inline void vstore_bf16(uint16_t *x, __m256 f) {
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i t = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    t = _mm256_blendv_epi8(t, _mm256_set1_epi32(0x7fc00000), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+    const __m256i top = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                         2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    t = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(t, top), 0x08); /* qwords 0 and 2 -> low half */
+    _mm_storeu_si128((__m128i *)x, _mm256_castsi256_si128(t));
+}
+RMS_AVX2 static inline __m256 vload_f16(const uint16_t *x) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)x)); }
+RMS_AVX2 static inline void vstore_f16(uint16_t *x, __m256 f) {
+    _mm_storeu_si128((__m128i *)x, _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
+}
+
+/* Eight values of the scalar loop's body (DEFINE_LOOP), in the same order of operations. */
+#define RMS_VBODY(VLOAD, VSTORE, P, G, V, M, B)                                                      \
+    do {                                                                                            \
+        __m256 g = VLOAD(G), p = VLOAD(P);                                                          \
+        if (!plain) g = _mm256_mul_ps(g, gscale);                                                   \
+        if (coupled) g = _mm256_add_ps(g, _mm256_mul_ps(wd, p));                                    \
+        if (!plain) p = _mm256_mul_ps(p, decay);                                                    \
+        __m256 v = _mm256_add_ps(_mm256_mul_ps(alpha, VLOAD(V)), _mm256_mul_ps(_mm256_mul_ps(oma, g), g)); \
+        __m256 s = plain ? v : _mm256_mul_ps(v, ic);                                                \
+        if (centered) {                                                                             \
+            __m256 m = VLOAD(M);                                                                    \
+            m = _mm256_add_ps(m, _mm256_mul_ps(oma, _mm256_sub_ps(g, m)));                          \
+            __m256 mh = plain ? m : _mm256_mul_ps(m, ic);                                           \
+            s = _mm256_sub_ps(s, _mm256_mul_ps(mh, mh));                                            \
+            s = _mm256_max_ps(zero, s); /* s < 0 -> 0; NaN (second operand) passes through */      \
+            VSTORE(M, m);                                                                           \
+        }                                                                                           \
+        __m256 u = eps_inside ? _mm256_div_ps(g, _mm256_sqrt_ps(_mm256_add_ps(s, eps)))             \
+                              : _mm256_div_ps(g, _mm256_add_ps(_mm256_sqrt_ps(s), eps));            \
+        if (mom_kind == 0) {                                                                        \
+            p = _mm256_sub_ps(p, _mm256_mul_ps(lr, u));                                             \
+        } else {                                                                                    \
+            __m256 b = _mm256_add_ps(_mm256_mul_ps(mu, VLOAD(B)), _mm256_mul_ps(k_buf, u));         \
+            __m256 applied = mom_kind == 2 ? _mm256_add_ps(_mm256_mul_ps(k_buf, u), _mm256_mul_ps(mu, b)) : b; \
+            p = _mm256_sub_ps(p, _mm256_mul_ps(k_par, applied));                                    \
+            VSTORE(B, b);                                                                           \
+        }                                                                                           \
+        VSTORE(V, v);                                                                               \
+        VSTORE(P, p);                                                                               \
+    } while (0)
+
+#define DEFINE_VLOOP(NAME, VLOAD, VSTORE)                                                            \
+    RMS_AVX2 static inline __attribute__((always_inline)) void NAME##_body(                          \
+        uint16_t *restrict p_, uint16_t *restrict g_, uint16_t *restrict v_, uint16_t *restrict m_,  \
+        uint16_t *restrict b_, int64_t n, const rms_scalars *c, float inv_corr, int write_back,      \
+        const int centered, const int mom_kind, const int coupled, const int eps_inside, const int plain) { \
+        const __m256 inv_scale = _mm256_set1_ps((float)c->inv_scale), wd = _mm256_set1_ps((float)c->wd); \
+        const __m256 decay = _mm256_set1_ps((float)c->decay), alpha = _mm256_set1_ps((float)c->alpha); \
+        const __m256 oma = _mm256_set1_ps((float)c->one_minus_alpha), eps = _mm256_set1_ps((float)c->eps); \
+        const __m256 lr = _mm256_set1_ps((float)c->lr), mu = _mm256_set1_ps((float)c->mu);          \
+        const __m256 k_buf = _mm256_set1_ps((float)c->k_buf), k_par = _mm256_set1_ps((float)c->k_par); \
+        const __m256 ic = _mm256_set1_ps(inv_corr), zero = _mm256_setzero_ps();                     \
+        const float gs = write_back ? (float)c->sign : (float)c->inv_scale * (float)c->sign;       \
+        const __m256 gscale = _mm256_set1_ps(gs);                                                   \
+        const int64_t whole = n - n % 8;                                                            \
+        if (write_back) { /* AMP: unscale the gradient in place, as GradScaler.unscale_ would */   \
+            for (int64_t i = 0; i < whole; i += 8) VSTORE(g_ + i, _mm256_mul_ps(VLOAD(g_ + i), inv_scale)); \
+        }                                                                                           \
+        for (int64_t i = 0; i < whole; i += 8)                                                      \
+            RMS_VBODY(VLOAD, VSTORE, p_ + i, g_ + i, v_ + i, m_ + i, b_ + i);                       \
+        if (whole < n) { /* the tail, on eight-value copies (the extra lanes are never stored) */  \
+            const int64_t k = n - whole;                                                            \
+            uint16_t P[8] = {0}, G[8] = {0}, V[8] = {0}, M[8] = {0}, B[8] = {0};                    \
+            memcpy(P, p_ + whole, (size_t)k * 2); memcpy(G, g_ + whole, (size_t)k * 2);             \
+            memcpy(V, v_ + whole, (size_t)k * 2);                                                   \
+            if (centered) memcpy(M, m_ + whole, (size_t)k * 2);                                     \
+            if (mom_kind) memcpy(B, b_ + whole, (size_t)k * 2);                                     \
+            if (write_back) VSTORE(G, _mm256_mul_ps(VLOAD(G), inv_scale));                          \
+            RMS_VBODY(VLOAD, VSTORE, P, G, V, M, B);                                                \
+            memcpy(p_ + whole, P, (size_t)k * 2); memcpy(v_ + whole, V, (size_t)k * 2);             \
+            if (write_back) memcpy(g_ + whole, G, (size_t)k * 2);                                   \
+            if (centered) memcpy(m_ + whole, M, (size_t)k * 2);                                     \
+            if (mom_kind) memcpy(b_ + whole, B, (size_t)k * 2);                                     \
+        }                                                                                           \
+    }                                                                                               \
+    RMS_AVX2 static void NAME(uint16_t *p, uint16_t *g, uint16_t *v, uint16_t *m, uint16_t *b, int64_t n, \
+                              const rms_scalars *c, double inv_corr, int write_back, int variant) { \
+        float ic = (float)inv_corr;                                                                 \
+        const int plain = variant & 1, eps_inside = (variant >> 1) & 1, coupled = (variant >> 2) & 1; \
+        const int kind = (variant >> 3) % 3, centered = (variant >> 3) / 3;                        \
+        RMS_EXPAND(NAME##_body, centered, kind, coupled, eps_inside, plain)                          \
+    }
+RMS_AVX2 static void vstore_bf16_array(const float *in, uint16_t *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) vstore_bf16(out + i, _mm256_loadu_ps(in + i));
+    for (; i < n; i++) out[i] = bf16_store(in[i]);
+}
+DEFINE_VLOOP(vloop_bf16, vload_bf16, vstore_bf16)
+DEFINE_VLOOP(vloop_f16, vload_f16, vstore_f16)
+#endif
+
+/* The low-precision loop this CPU runs best (the choice of rmsprop_set_isa). */
+static void loop_lowp(int32_t kind, uint16_t *p, uint16_t *g, uint16_t *v, uint16_t *m, uint16_t *b, int64_t n,
+                      const rms_scalars *c, double inv_corr, int write_back, int variant) {
+#ifdef RMS_HAVE_X86_SIMD
+    const int isa = atomic_load(&g_isa);
+    if (kind == RMS_BF16 && isa >= 1) { vloop_bf16(p, g, v, m, b, n, c, inv_corr, write_back, variant); return; }
+    if (kind == RMS_F16 && isa >= 2) { vloop_f16(p, g, v, m, b, n, c, inv_corr, write_back, variant); return; }
+#endif
+    if (kind == RMS_BF16) loop_bf16(p, g, v, m, b, n, c, inv_corr, write_back, variant);
+    else loop_f16(p, g, v, m, b, n, c, inv_corr, write_back, variant);
+}
+
 /* The memory-traffic bound for benchmarks: the same bytes as a plain fp32 step (read p, g, v;
  * write p, v) with arithmetic too cheap to matter. */
 RMS_CLONES static void stream_f32(float *restrict p, const float *restrict g, float *restrict v, int64_t n) {
@@ -660,8 +868,7 @@ static void *run_job(void *arg) {
         switch (x->kind) {
         case RMS_F32: case RMS_C64: loop_f32(p, g, v, m, b, n, job->scalars, ic, job->write_back, job->variant); break;
         case RMS_F64: case RMS_C128: loop_f64(p, g, v, m, b, n, job->scalars, ic, job->write_back, job->variant); break;
-        case RMS_BF16: loop_bf16(p, g, v, m, b, n, job->scalars, ic, job->write_back, job->variant); break;
-        default: loop_f16(p, g, v, m, b, n, job->scalars, ic, job->write_back, job->variant); break;
+        default: loop_lowp(x->kind, p, g, v, m, b, n, job->scalars, ic, job->write_back, job->variant); break;
         }
     }
     return NULL;
@@ -861,8 +1068,9 @@ done:
     return result;
 }
 
-/* Test hooks: the fp16 conversions above, over whole float16 / float32 CPU tensors (validated
- * like everything else: contiguous, the right dtypes, equal element counts). */
+/* Test hooks: the conversions in use (see rmsprop_set_isa), over whole float16 / bfloat16 /
+ * float32 CPU tensors (validated like everything else: contiguous, the right dtypes, equal
+ * element counts, no overlap). */
 static int convert_views(const int64_t *in, const int64_t *out, int32_t in_kind, int32_t out_kind, rms_view *a, rms_view *b) {
     if (!atomic_load(&g_api_ready)) return RMS_NOT_INITIALISED;
     if (describe(in, 0, a) || describe(out, 1, b)) return RMS_BAD_ARGUMENT;
@@ -873,21 +1081,15 @@ static int convert_views(const int64_t *in, const int64_t *out, int32_t in_kind,
         return RMS_BAD_ARGUMENT;
     return 0;
 }
-int32_t rmsprop_f16_to_f32(const int64_t *in, const int64_t *out) {
-    rms_view a, b;
-    int r = convert_views(in, out, RMS_F16, RMS_F32, &a, &b);
-    if (r) return r;
-    const uint16_t *x = a.ptr;
-    float *y = b.ptr;
-    for (int64_t i = 0; i < a.numel; i++) y[i] = f16_load(x[i]);
-    return 0;
-}
-int32_t rmsprop_f32_to_f16(const int64_t *in, const int64_t *out) {
-    rms_view a, b;
-    int r = convert_views(in, out, RMS_F32, RMS_F16, &a, &b);
-    if (r) return r;
-    const float *x = a.ptr;
-    uint16_t *y = b.ptr;
-    for (int64_t i = 0; i < a.numel; i++) y[i] = f16_store(x[i]);
-    return 0;
-}
+#define RMS_CONVERT_HOOK(NAME, IN_KIND, OUT_KIND, IN_T, OUT_T, FIELD)            \
+    int32_t NAME(const int64_t *in, const int64_t *out) {                        \
+        rms_view a, b;                                                           \
+        int r = convert_views(in, out, IN_KIND, OUT_KIND, &a, &b);               \
+        if (r) return r;                                                         \
+        if (a.numel > 0) g_cvt.FIELD((const IN_T *)a.ptr, (OUT_T *)b.ptr, a.numel); \
+        return 0;                                                                \
+    }
+RMS_CONVERT_HOOK(rmsprop_f16_to_f32, RMS_F16, RMS_F32, uint16_t, float, f16_in)
+RMS_CONVERT_HOOK(rmsprop_f32_to_f16, RMS_F32, RMS_F16, float, uint16_t, f16_out)
+RMS_CONVERT_HOOK(rmsprop_bf16_to_f32, RMS_BF16, RMS_F32, uint16_t, float, bf16_in)
+RMS_CONVERT_HOOK(rmsprop_f32_to_bf16, RMS_F32, RMS_BF16, float, uint16_t, bf16_out)

@@ -253,7 +253,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         lib.rmsprop_step.restype = ctypes.c_int32
         lib.rmsprop_memo_size.argtypes = [ctypes.c_int64]
         lib.rmsprop_memo_size.restype = ctypes.c_int64
-        for name in ("rmsprop_f16_to_f32", "rmsprop_f32_to_f16"):
+        lib.rmsprop_set_isa.argtypes = [ctypes.c_int32]
+        lib.rmsprop_set_isa.restype = ctypes.c_int32
+        lib.rmsprop_isa.restype = ctypes.c_int32
+        for name in ("rmsprop_f16_to_f32", "rmsprop_f32_to_f16", "rmsprop_bf16_to_f32", "rmsprop_f32_to_bf16"):
             getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
             getattr(lib, name).restype = ctypes.c_int32
         lib.rmsprop_use_openmp.argtypes = [ctypes.c_void_p]
@@ -290,6 +293,20 @@ def _torch_openmp_entry() -> int | None:
 
 
 LIB, _LOAD_ERROR = _load()
+
+
+ISAS = ("portable", "avx2", "avx2+f16c")
+
+
+def isa() -> str:
+    """The conversions the kernel uses for bfloat16 / float16 storage on this CPU."""
+    return ISAS[LIB.rmsprop_isa()]
+
+
+def use_isa(name: str) -> str:
+    """Force the portable conversions ("portable") or the best this CPU runs ("best"); for tests
+    and benchmarks, which compare them. Returns the ISA now in use."""
+    return ISAS[LIB.rmsprop_set_isa(0 if name == "portable" else -1)]
 
 
 def memo_size(n: int) -> int:
