@@ -9,8 +9,8 @@ Choice, per call:
 - ``fused=True``: the fused CPU kernel for every tensor, or a RuntimeError saying which tensor it
   cannot take and why — before anything is written.
 - ``fused=None`` with ``foreach=None`` (the default): the fused kernel for the CPU tensors it
-  takes (float32/64, bfloat16, complex; dense layouts), torch's foreach path for the rest
-  (float16 too: foreach is faster there). A call without CPU tensors never consults the kernel.
+  takes (float32/64, bfloat16, float16 where the CPU has F16C, complex; dense layouts), torch's
+  foreach path for the rest. A call without CPU tensors never consults the kernel.
   If the native library is missing, foreach, with one warning naming the cause.
 - ``fused=False`` or an explicit ``foreach``: the torch-op paths, bit-identical to torch
   (``foreach=True``: multi-tensor; ``False``: per-tensor; ``None``: what torch would pick).
@@ -196,7 +196,7 @@ def _local_shards(lists: Lists) -> Lists:
     shards, when all of them share one mesh and placement: elementwise math on matching shards
     is the math on the whole. Others are left as they are (and go to foreach)."""
     params = lists[0]
-    if all(type(p) in _PLAIN for p in params):
+    if set(map(type, params)) <= _PLAIN:  # eager only (the compiled path never comes here)
         return lists
     from torch.distributed.tensor import DTensor
 
@@ -296,7 +296,7 @@ def prepare(
                 )
             _warn_unavailable_once()
         else:
-            kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.DEFAULT_KINDS
+            kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.default_kinds()
             local = _local_shards(lists)
             return fused_cpu.prepare(
                 local,
@@ -377,7 +377,7 @@ def _compiled(
     # which means nothing to a CPU kernel: only the user's own choices decide here
     wants_fused = fused is True or (fused is None and foreach is None and not differentiable)
     chosen, rest = [], list(range(len(params)))
-    kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.DEFAULT_KINDS
+    kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.default_kinds()
     if wants_fused and fused_cpu.is_available():
         per_param = [lst for lst in lists[1:5] if lst]
         chosen, rest = [], []
