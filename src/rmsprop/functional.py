@@ -9,14 +9,18 @@ Choice, per call:
 - ``fused=True``: the fused CPU kernel for every tensor, or a RuntimeError saying which tensor it
   cannot take and why — before anything is written.
 - ``fused=None`` with ``foreach=None`` (the default): the fused kernel for the CPU tensors it
-  takes (float32/64, bfloat16, complex; dense layouts), torch's foreach path for the rest
-  (float16 too: foreach is faster there). A call without CPU tensors never consults the kernel.
+  takes (float32/64, bfloat16, float16 where the CPU has F16C, complex; dense layouts), torch's
+  foreach path for the rest. A call without CPU tensors never consults the kernel.
   If the native library is missing, foreach, with one warning naming the cause.
 - ``fused=False`` or an explicit ``foreach``: the torch-op paths, bit-identical to torch
   (``foreach=True``: multi-tensor; ``False``: per-tensor; ``None``: what torch would pick).
 - A call whose first parameter is a CUDA tensor takes the Triton kernel instead of the CPU one
   (``backends/fused_triton``; ``capturable`` included), when triton imports; without it, torch's
   paths (``fused=True``: an error saying why).
+
+Sparse gradients (``nn.Embedding(sparse=True)``) are turned into dense work before a backend is
+chosen (see :mod:`rmsprop.sparse`): by default their dense equivalent, bit for bit; with
+``lazy_sparse=True`` TensorFlow's lazy rows, stepped by the same backend choice as dense tensors.
 
 Every path validates its inputs before its first write, so a call that raises has changed
 nothing: list lengths and the lists the rule needs, the lr (a number or a one-element tensor,
@@ -31,11 +35,13 @@ import numbers
 import operator
 import warnings
 from collections.abc import Callable
+from itertools import repeat
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach, _get_capturable_supported_devices
 
+from . import sparse
 from .backends import fused_cpu, fused_triton
 from .backends.foreach import rmsprop_foreach
 from .backends.fused_cpu import FusedCache
@@ -193,7 +199,7 @@ def _local_shards(lists: Lists) -> Lists:
     shards, when all of them share one mesh and placement: elementwise math on matching shards
     is the math on the whole. Others are left as they are (and go to foreach)."""
     params = lists[0]
-    if all(type(p) in _PLAIN for p in params):
+    if set(map(type, params)) <= _PLAIN:  # eager only (the compiled path never comes here)
         return lists
     from torch.distributed.tensor import DTensor
 
@@ -236,6 +242,7 @@ def prepare(
     found_inf: Tensor | None = None,
     cache: FusedCache | None = None,
     check_now: bool = True,
+    lazy_sparse: bool = False,
 ) -> Callable[[], None]:
     """Validate one RMSProp step over these lists and return the function that applies it.
 
@@ -246,10 +253,24 @@ def prepare(
     """
     lists: Lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
     if torch.compiler.is_compiling():
-        return _compiled(lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf)
+        return _compiled(
+            lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf, lazy_sparse
+        )
     lr = _check_arguments(lists, lr, rule, grad_scale, found_inf)
     if not params:
         return _nothing
+    if not all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided))):
+        # sparse gradients become dense work here, before any backend is chosen
+        chosen = [i for i, g in enumerate(grads) if g.layout is not torch.strided]
+        sparse.check_sparse_grads(params, grads, chosen)
+        if lazy_sparse:
+            return _lazy_rows(
+                lists, chosen, lr=lr, rule=rule, foreach=foreach, fused=fused, differentiable=differentiable,
+                capturable=capturable, grad_scale=grad_scale, found_inf=found_inf, cache=cache,
+                check_now=check_now,
+            )  # fmt: skip
+        grads = sparse.densify(grads, chosen)
+        lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
     kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
     if (fused is True or (fused is None and foreach is None and not differentiable)) and fused_triton.takes(
         params[0]
@@ -282,7 +303,7 @@ def prepare(
                 )
             _warn_unavailable_once()
         else:
-            kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.DEFAULT_KINDS
+            kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.default_kinds()
             local = _local_shards(lists)
             return fused_cpu.prepare(
                 local,
@@ -365,11 +386,64 @@ def _compiled_triton(lists, lr, rule, fused, differentiable, capturable, grad_sc
     return run
 
 
-def _compiled(lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf):
+def _lazy_rows(lists: Lists, chosen: list[int], *, cache, check_now, **kwargs) -> Callable[[], None]:
+    """The step of a call whose gradients ``chosen`` are sparse, with lazy rows: the dense
+    records as usual, and for each sparse one the rows it touches, gathered into dense
+    temporaries, stepped by the same backend choice (one call for all of them), then written
+    back. Everything is validated before the returned step writes anything."""
+    params = lists[0]
+    if kwargs["differentiable"]:  # the option table refuses it for the optimizer; this is the functional API
+        raise RuntimeError("lazy_sparse=True does not support differentiable=True; nothing was updated")
+    # The state must match its parameter before rows are gathered from it (gathering from a
+    # tensor of another shape would fail with an indexing error, or read the wrong rows): the
+    # torch-path checks, with the parameters standing in for the gradients they already passed.
+    _check_torch_tensors((params, params, *lists[2:]), kwargs["capturable"])
+    used = [k for k in (2, 3, 4) if lists[k]]  # square_avgs, and grad_avgs / momentum_buffers if in use
+    row_lists: Lists = ([], [], [], [], [], [])
+    lazy = []
+    for i in chosen:
+        values, rows = sparse.gather_rows(lists[1][i], params[i], [lists[k][i] for k in used])
+        lazy.append(rows)
+        row_lists[0].append(rows.rows[0])
+        row_lists[1].append(values)
+        for k, row in zip(used, rows.rows[1:], strict=True):
+            row_lists[k].append(row)
+        row_lists[5].append(lists[5][i])
+    skip = set(chosen)
+    rest = [i for i in range(len(params)) if i not in skip]
+    # The temporaries are new every step: nothing about them is worth caching.
+    row_step = prepare(*row_lists, cache=None, check_now=True, **kwargs)
+    dense_step = prepare(*_subset(lists, rest), cache=cache, check_now=check_now, **kwargs) if rest else None
+
+    def run() -> None:
+        if dense_step is not None:
+            dense_step()
+        row_step()
+        for rows in lazy:
+            rows.write_back()
+
+    return run
+
+
+def _eager_sparse_step(lists, lr, rule, foreach, fused, differentiable, lazy_sparse) -> None:
+    prepare(
+        *lists, lr=lr, rule=rule, foreach=foreach, fused=fused, differentiable=differentiable,
+        lazy_sparse=lazy_sparse, check_now=False,
+    )()  # fmt: skip
+
+
+def _compiled(
+    lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf, lazy_sparse=False
+):
     """Under torch.compile: plain, traceable code. The kernel's share is decided from what dynamo
     guards on (device, dtype, contiguity) and goes through the custom op, whose implementation
     validates everything again at run time; the rest takes torch's op paths."""
     params = lists[0]
+    if not all(g.layout is torch.strided for g in lists[1]):
+        # dynamo does not trace sparse tensors: such a step runs eagerly, outside the graph
+        # (disabled here, not at import: the decorator would import dynamo with this module)
+        eager = torch.compiler.disable(_eager_sparse_step)
+        return lambda: eager(lists, lr, rule, foreach, fused, differentiable, lazy_sparse)
     if (
         params
         and (fused is True or (fused is None and foreach is None and not differentiable))
@@ -382,7 +456,7 @@ def _compiled(lists, lr, rule, foreach, fused, differentiable, capturable, grad_
     # which means nothing to a CPU kernel: only the user's own choices decide here
     wants_fused = fused is True or (fused is None and foreach is None and not differentiable)
     chosen, rest = [], list(range(len(params)))
-    kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.DEFAULT_KINDS
+    kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.default_kinds()
     if wants_fused and fused_cpu.is_available():
         per_param = [lst for lst in lists[1:5] if lst]
         chosen, rest = [], []
@@ -428,6 +502,7 @@ def rmsprop(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     cache: FusedCache | None = None,
+    lazy_sparse: bool = False,
 ) -> None:
     r"""Apply one RMSProp step (see :class:`rmsprop.rule.Rule` for the formula) in place.
 
@@ -436,11 +511,13 @@ def rmsprop(
     ``grad_scale`` / ``found_inf`` follow torch.amp.GradScaler's contract for optimizers with
     ``_step_supports_amp_scaling``: grads are divided by the scale, and nothing happens (steps
     included) when ``found_inf`` is nonzero. ``cache``: a :class:`FusedCache` kept by the caller
-    across steps (the fused kernel then revalidates cheaply instead of from scratch). Raises
-    before writing anything when an input is invalid (see the module docstring).
+    across steps (the fused kernel then revalidates cheaply instead of from scratch).
+    ``lazy_sparse``: what a sparse gradient does (see :mod:`rmsprop.sparse`). Raises before
+    writing anything when an input is invalid (see the module docstring).
     """
     prepare(
         params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
         lr=lr, rule=rule, foreach=foreach, fused=fused, differentiable=differentiable, capturable=capturable,
         has_complex=has_complex, grad_scale=grad_scale, found_inf=found_inf, cache=cache, check_now=False,
+        lazy_sparse=lazy_sparse,
     )()  # fmt: skip

@@ -146,6 +146,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("initial_square_avg", 0.0, "number", "the starting value v₀ of E[g²]", missing=0.0, lower=0.0),
     Option("bias_correction", False, "flag", "divide the averages by 1 − ρᵗ (optax)", missing=False,
            rule=True),
+    # Read before dispatch (functional.prepare), not by the dense update: not part of the Rule.
+    Option("lazy_sparse", False, "flag", "a sparse gradient updates only its rows (TF's SparseApplyRMSProp)",
+           missing=False),
 )  # fmt: skip
 
 BY_NAME: Mapping[str, Option] = MappingProxyType({o.name: o for o in OPTIONS})
@@ -172,6 +175,13 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                RuntimeError),
     Constraint(lambda g: not (g["fused"] and g["differentiable"]),
                "fused=True does not support differentiable=True", RuntimeError),
+    # Lazy rows: a row's average holds only the steps that touched it, so the per-step factor
+    # 1 - alpha^t (t the parameter's step) would correct it for steps it never saw.
+    Constraint(lambda g: not (g["lazy_sparse"] and g["bias_correction"]),
+               "lazy_sparse=True cannot be combined with bias_correction=True: a row updated only on the "
+               "steps that look it up has no meaningful 1 - alpha^t correction"),
+    Constraint(lambda g: not (g["lazy_sparse"] and g["differentiable"]),
+               "lazy_sparse=True does not support differentiable=True", RuntimeError),
 )  # fmt: skip
 
 

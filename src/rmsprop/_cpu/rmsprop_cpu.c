@@ -414,12 +414,20 @@ typedef struct {
     int64_t n, n_spans, spans_valid, reserved;
 } rms_memo_header;
 #define RMS_PERSISTED_PER_RECORD 5 /* p, v, m, b, step */
+/* Then the scratch of one call, so a step allocates nothing: this step's records, the bias
+ * corrections, the statuses. */
 static int64_t memo_bytes(int64_t n) {
     return (int64_t)(sizeof(rms_memo_header) + (size_t)n * sizeof(rms_record) +
-                     (size_t)n * RMS_PERSISTED_PER_RECORD * sizeof(rms_span));
+                     (size_t)n * RMS_PERSISTED_PER_RECORD * sizeof(rms_span) + (size_t)n * sizeof(rms_record) +
+                     (size_t)n * sizeof(double) + (size_t)n);
 }
 static rms_record *memo_records(void *memo) { return (rms_record *)((rms_memo_header *)memo + 1); }
 static rms_span *memo_spans(void *memo, int64_t n) { return (rms_span *)(memo_records(memo) + n); }
+static rms_record *scratch_records(void *memo, int64_t n) {
+    return (rms_record *)(memo_spans(memo, n) + (size_t)n * RMS_PERSISTED_PER_RECORD);
+}
+static double *scratch_corrections(void *memo, int64_t n) { return (double *)(scratch_records(memo, n) + n); }
+static int8_t *scratch_status(void *memo, int64_t n) { return (int8_t *)(scratch_corrections(memo, n) + n); }
 
 /* LSD radix sort of spans by start address, 8 bits a pass; passes whose byte is the same for
  * every key are skipped (user-space addresses share their top bytes). */
@@ -960,13 +968,12 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
         (call->found_inf && read_scalar(call->found_inf, &found_inf)))
         return RMS_BAD_SCALAR;
 
-    rms_record *fresh = (rms_record *)calloc((size_t)(n > 0 ? n : 1), sizeof(rms_record));
-    int8_t *st = (int8_t *)calloc((size_t)(n > 0 ? n : 1), 1);
-    double *inv_corr = (double *)malloc(sizeof(double) * (size_t)(n > 0 ? n : 1));
-    if (!fresh || !st || !inv_corr) {
-        free(fresh); free(st); free(inv_corr);
-        return RMS_NO_MEMORY;
-    }
+    if (n == 0) return mode == RMS_MODE_RUN && found_inf != 0.0f ? RMS_SKIPPED : RMS_OK;
+    rms_record *fresh = scratch_records(records, n);
+    int8_t *st = scratch_status(records, n);
+    double *inv_corr = scratch_corrections(records, n);
+    memset(fresh, 0, sizeof(rms_record) * (size_t)n);
+    memset(st, 0, (size_t)n);
     rms_call checked = *call;
     if (mode == RMS_MODE_STREAM) { /* p, g, v only, float32 only */
         checked.centered = 0;
@@ -1062,9 +1069,6 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
     }
 
 done:
-    free(fresh);
-    free(st);
-    free(inv_corr);
     return result;
 }
 

@@ -340,24 +340,49 @@ def sweep_tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plotting_unavailable() -> str | None:
+    """Why ``save(..., plot=True)`` would fail (matplotlib missing), or None: ask before the run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "--plot needs matplotlib: pip install 'rmsprop[report]'"
+    return None
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write`` into a temporary file beside ``path``, then rename it over ``path``: an
+    interrupted save leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save(results: dict, out: Path, plot: bool) -> list[Path]:
+    """Write bench.json, bench.md (and bench.png) into ``out``, each file whole or not at all."""
+    if plot and (why := plotting_unavailable()):
+        raise RuntimeError(why)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "bench.json", out / "bench.md"]
-    written[0].write_text(json.dumps(results, indent=2))
-    written[1].write_text(markdown_table(results) + "\n" + sweep_tables(results) + "\n")
+    written = [
+        _write_whole(out / "bench.json", lambda p: p.write_text(json.dumps(results, indent=2))),
+        _write_whole(
+            out / "bench.md", lambda p: p.write_text(markdown_table(results) + "\n" + sweep_tables(results) + "\n")
+        ),
+    ]
     if plot:
-        written.append(_plot(results, out / "bench.png"))
+        written.append(_write_whole(out / "bench.png", lambda p: _plot(results, p)))
     return written
 
 
 def _plot(results: dict, path: Path) -> Path:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install 'rmsprop[report]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     configs = results["configs"]
     impls = [i for i in [*IMPLEMENTATIONS, COMPILED, BOUND] if any(i in c["results"] for c in configs)]
     has_sweeps = bool(results.get("sizes") or results.get("threads"))
@@ -398,9 +423,11 @@ def _plot(results: dict, path: Path) -> Path:
                      fontsize=9)  # fmt: skip
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
 
-__all__ = ["CONFIGS", "IMPLEMENTATIONS", "run_bench", "save", "markdown_table", "first_step_costs"]
+__all__ = [
+    "CONFIGS", "IMPLEMENTATIONS", "run_bench", "save", "markdown_table", "first_step_costs", "plotting_unavailable"
+]

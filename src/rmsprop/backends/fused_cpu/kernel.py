@@ -33,16 +33,20 @@ from ...rule import Rule
 from . import native
 from .cache import Entry, FusedCache
 
-__all__ = ["prepare", "ALL_KINDS", "DEFAULT_KINDS", "explain"]
+__all__ = ["prepare", "ALL_KINDS", "default_kinds", "explain"]
 
 Lists6 = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
 TorchPath = Callable[[list[int]], Callable[[], None] | None]
 
 ALL_KINDS = (1 << len(native.KINDS)) - 1
-# fp16 only on request (fused=True): the kernel's fp16 conversions are integer code, and on CPUs
-# with F16C torch's own foreach path converts faster (16 vs 9 ms for 10 x 1M on the benchmark
-# machine), while bf16 fused is 2x faster than foreach.
-DEFAULT_KINDS = ALL_KINDS & ~(1 << native.KINDS.index(torch.float16))
+_FP16 = 1 << native.KINDS.index(torch.float16)
+
+
+def default_kinds() -> int:
+    """What fused=None sends to the kernel: everything, except float16 on a CPU without F16C —
+    there the kernel's fp16 conversions are integer code, slower than torch's foreach path (16 vs
+    9 ms for 10 x 1M); with F16C the kernel converts in registers and is faster than foreach."""
+    return ALL_KINDS if native.LIB is not None and native.isa() == "avx2+f16c" else ALL_KINDS & ~_FP16
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _WHICH = ("parameter", "gradient", "square_avg", "grad_avg", "momentum_buffer", "step")
 # Status reasons (low 4 bits; the tensor is in the next 3): the C side's, then Python's own.
@@ -56,7 +60,7 @@ _REASONS = {
     7: "has other sizes or strides than the parameter",
     8: "is not a one-element float32/float64 CPU tensor",
     9: "shares memory with another tensor this step touches",
-    10: "is float16, which the fused kernel takes only with fused=True (foreach is faster there)",
+    10: "is float16, which the fused kernel takes only with fused=True on a CPU without F16C",
     11: "has more than 64 dimensions",
     12: "is a tensor subclass (only plain tensors reach the kernel)",
     13: "has its conjugate or negative bit set",

@@ -296,17 +296,21 @@ LIB, _LOAD_ERROR = _load()
 
 
 ISAS = ("portable", "avx2", "avx2+f16c")
+_ISA = ISAS[LIB.rmsprop_isa()] if LIB is not None else "portable"
 
 
 def isa() -> str:
-    """The conversions the kernel uses for bfloat16 / float16 storage on this CPU."""
-    return ISAS[LIB.rmsprop_isa()]
+    """The conversions the kernel uses for bfloat16 / float16 storage on this CPU (a Python value:
+    read under torch.compile without calling into C)."""
+    return _ISA
 
 
 def use_isa(name: str) -> str:
     """Force the portable conversions ("portable") or the best this CPU runs ("best"); for tests
     and benchmarks, which compare them. Returns the ISA now in use."""
-    return ISAS[LIB.rmsprop_set_isa(0 if name == "portable" else -1)]
+    global _ISA
+    _ISA = ISAS[LIB.rmsprop_set_isa(0 if name == "portable" else -1)]
+    return _ISA
 
 
 def memo_size(n: int) -> int:
