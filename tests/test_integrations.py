@@ -38,7 +38,8 @@ EXAMPLE_RUNS = {
 
 
 def test_every_example_is_run_here():
-    assert {p.name for p in EXAMPLES.glob("*.py")} == {*EXAMPLE_RUNS, "fsdp_train.py"}  # fsdp: test_distributed
+    # fsdp_train: test_distributed; a3c_cartpole: test_examples
+    assert {p.name for p in EXAMPLES.glob("*.py")} == {*EXAMPLE_RUNS, "fsdp_train.py", "a3c_cartpole.py"}
 
 
 @pytest.mark.parametrize("name", list(EXAMPLE_RUNS))

@@ -75,7 +75,9 @@ def test_create_optimizer_v2_builds_the_preset_with_timms_groups(timm_optim, nam
         if key in ("lr", "momentum", "weight_decay"):
             continue
         assert decay[key] == value and no_decay[key] == value, key
-    assert decay["lr"] == 0.05 and decay["momentum"] == 0.9  # timm's default momentum
+    # timm's default momentum (0.9), unless the preset pins one (dqn: none, as DeepMind's DQN)
+    pinned = rmsprop.PRESETS[preset].options.get("momentum") if preset else None
+    assert decay["lr"] == 0.05 and decay["momentum"] == (0.9 if pinned is None else pinned)
 
 
 def test_the_timm_preset_trains_like_timms_own_rmsproptf(timm_optim, names):
