@@ -96,6 +96,12 @@ def _check_arguments(lists: Lists, lr, rule, grad_scale, found_inf) -> float | T
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if not lr.is_floating_point() or lr.device.type == "meta":
+            raise ValueError(f"Tensor lr must be a floating-point tensor holding a value, got {lr.dtype} on {lr.device}")
+        if lr.is_cpu and not torch.compiler.is_compiling():  # (reading a device lr would sync it)
+            value = float(lr.detach().reshape(()).item())
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"Invalid learning rate: {value} (a finite number >= 0)")
         lr = lr.squeeze() if lr.dim() != 0 else lr
     elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"Invalid learning rate: {lr!r} (a finite number >= 0 or a 1-element tensor)")
@@ -105,14 +111,22 @@ def _check_arguments(lists: Lists, lr, rule, grad_scale, found_inf) -> float | T
     return lr
 
 
-def _check_torch_tensors(lists: Lists, capturable: bool) -> None:
+def _check_torch_tensors(lists: Lists, capturable: bool, positions: list[int] | None = None) -> None:
     """What torch's op paths would trip over half-way through a step, checked before it starts:
-    each gradient and state tensor must match its parameter's sizes, dtype and device; gradients
-    must be dense; step counters must be tensors; and nothing written may be an inference tensor
-    outside inference mode."""
+    every entry a tensor; gradients dense; each gradient and state tensor with its parameter's
+    sizes, dtype and device; parameters and state strided and without a conjugate or negative
+    bit (torch's paths write through such views only partly); step counters one-element
+    float32/float64 tensors; nothing written an inference tensor outside inference mode."""
     params, grads = lists[0], lists[1]
     if not params:
         return
+
+    def at(i: int) -> int:  # the parameter's position in the caller's lists, for messages
+        return positions[i] if positions is not None else i
+    for name, lst in zip(_LIST_NAMES, lists, strict=True):
+        if lst and not all(map(isinstance, lst, [Tensor] * len(lst))):
+            i = next(i for i, t in enumerate(lst) if not isinstance(t, Tensor))
+            raise RuntimeError(f"parameter {at(i)}: its {name[:-1]} is a {type(lst[i]).__name__}; nothing was updated")
     if capturable:
         supported = _get_capturable_supported_devices()
         bad = next((p.device for p in params if p.device.type not in supported), None)
@@ -125,7 +139,7 @@ def _check_torch_tensors(lists: Lists, capturable: bool) -> None:
         i = next(i for i, g in enumerate(grads) if g.layout is not torch.strided)
         raise RuntimeError(
             "RMSprop does not support sparse gradients "
-            f"(parameter {i} of shape {tuple(params[i].shape)} has a {grads[i].layout} .grad); nothing was updated"
+            f"(parameter {at(i)} of shape {tuple(params[i].shape)} has a {grads[i].layout} .grad); nothing was updated"
         )
     shapes, dtypes, devices = list(map(_SHAPE, params)), list(map(_DTYPE, params)), list(map(_DEVICE, params))
     for name, lst in zip(_LIST_NAMES[1:5], lists[1:5], strict=True):
@@ -140,14 +154,25 @@ def _check_torch_tensors(lists: Lists, capturable: bool) -> None:
                 i = next(i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b)
                 item = "gradient" if name == "grads" else f"state tensor {name[:-1]}"
                 raise RuntimeError(
-                    f"parameter {i}: its {item} has {what} {_show(mine[i])}, the parameter {_show(theirs[i])}; "
+                    f"parameter {at(i)}: its {item} has {what} {_show(mine[i])}, the parameter {_show(theirs[i])}; "
                     "nothing was updated"
                 )
+    for name, lst in ((n, lst) for n, lst in zip(_LIST_NAMES, lists, strict=True) if n != "grads" and lst):
+        if not all(map(operator.is_, map(_LAYOUT, lst), [torch.strided] * len(lst))):
+            i = next(i for i, t in enumerate(lst) if t.layout is not torch.strided)
+            raise RuntimeError(f"parameter {at(i)}: its {name[:-1]} is a {lst[i].layout} tensor; nothing was updated")
+        if any(map(Tensor.is_neg, lst)) or any(map(Tensor.is_conj, lst)):
+            i = next(i for i, t in enumerate(lst) if t.is_neg() or t.is_conj())
+            raise RuntimeError(
+                f"parameter {at(i)}: its {name[:-1]} has its conjugate or negative bit set; resolve it first "
+                "(t.data = t.data.resolve_conj().resolve_neg()); nothing was updated"
+            )
     steps = lists[5]
-    if not all(isinstance(s, Tensor) and s.numel() == 1 for s in steps):
-        i = next(i for i, s in enumerate(steps) if not (isinstance(s, Tensor) and s.numel() == 1))
+    if not all(s.numel() == 1 and s.dtype in (torch.float32, torch.float64) for s in steps):
+        i = next(i for i, s in enumerate(steps) if not (s.numel() == 1 and s.dtype in (torch.float32, torch.float64)))
         raise RuntimeError(
-            f"parameter {i}: its step counter must be a one-element tensor; nothing was updated"
+            f"parameter {at(i)}: its step counter must be a one-element float32/float64 tensor, got "
+            f"{steps[i].dtype} {tuple(steps[i].shape)}; nothing was updated"
         )
     if not torch.is_inference_mode_enabled():
         for lst in (params, *lists[2:]):
@@ -168,11 +193,13 @@ def _torch_op_backend(params: list[Tensor], foreach: bool | None, differentiable
     return rmsprop_foreach if foreach else rmsprop_single
 
 
-def _torch_step(lists: Lists, backend: Backend, grad_scale, found_inf, **kwargs) -> Callable[[], None]:
+def _torch_step(
+    lists: Lists, backend: Backend, grad_scale, found_inf, positions: list[int] | None = None, **kwargs
+) -> Callable[[], None]:
     """A torch-op backend with GradScaler's contract: skip on inf, else unscale the grads in place
     by the float32 reciprocal of the scale, exactly as GradScaler.unscale_ does."""
     if not torch.compiler.is_compiling():
-        _check_torch_tensors(lists, kwargs["capturable"])
+        _check_torch_tensors(lists, kwargs["capturable"], positions)
     if backend is rmsprop_foreach and kwargs["differentiable"]:
         raise ValueError("foreach=True does not support differentiable=True; use foreach=False")
 
@@ -284,10 +311,10 @@ def prepare(
             "fused=True does not support " + ("differentiable=True" if differentiable else "capturable=True")
         )
 
-    def torch_path(chosen: Lists, backend: Backend | None = None) -> Callable[[], None]:
+    def torch_path(chosen: Lists, backend: Backend | None = None, positions=None) -> Callable[[], None]:
         chosen_complex = any(torch.is_complex(p) for p in chosen[0])  # has_complex is only a hint
         backend = backend or rmsprop_foreach  # foreach for CPU leftovers too: faster than a loop
-        return _torch_step(chosen, backend, grad_scale, found_inf, has_complex=chosen_complex, **kwargs)
+        return _torch_step(chosen, backend, grad_scale, found_inf, positions, has_complex=chosen_complex, **kwargs)
 
     if wants_fused:
         on_cpu = params[0].is_cpu or any(p.is_cpu for p in params)
@@ -312,7 +339,7 @@ def prepare(
                 kinds=kinds,
                 required=bool(fused),
                 cache=cache,
-                torch_path=lambda indices: torch_path(_subset(lists, indices)),
+                torch_path=lambda indices: torch_path(_subset(lists, indices), positions=indices),
                 grad_scale=grad_scale,
                 found_inf=found_inf,
                 check_now=check_now,
@@ -473,8 +500,9 @@ def _compiled(
         if chosen:
             kernel_lists = lists if not rest else _subset(lists, chosen)
             fused_cpu.compiled_step(
-                kernel_lists, lr=lr, rule=rule, kinds=kinds, grad_scale=grad_scale, found_inf=found_inf
-            )
+                kernel_lists, lr=lr, rule=rule, kinds=kinds, required=fused is True, grad_scale=grad_scale,
+                found_inf=found_inf,
+            )  # fmt: skip
         if rest:
             if found_inf is not None or grad_scale is not None:
                 _torch_step(rest_lists, backend, grad_scale, found_inf, has_complex=has_complex, **kwargs)()
@@ -482,6 +510,18 @@ def _compiled(
                 backend(*rest_lists, has_complex=has_complex, **kwargs)
 
     return run
+
+
+def leftover_step(lists: Lists, indices: list[int], *, lr, rule: Rule, grad_scale, found_inf) -> Callable[[], None]:
+    """The step, on torch's foreach path, of the records the fused kernel declined (used by the
+    custom op's eager body); validated like any torch-path step before it returns."""
+    chosen = _subset(lists, indices)
+    lr = _check_arguments(chosen, lr, rule, grad_scale, found_inf)
+    return _torch_step(
+        chosen, rmsprop_foreach, grad_scale, found_inf, indices, lr=lr, rule=rule, differentiable=False,
+        capturable=False,
+        has_complex=any(torch.is_complex(p) for p in chosen[0]),
+    )  # fmt: skip
 
 
 def rmsprop(

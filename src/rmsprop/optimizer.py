@@ -311,7 +311,12 @@ class RMSprop(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         created: dict[Tensor, dict[str, Any]] = {}
-        work = [(group, self._gather(group, created)) for group in self.param_groups]
+        # options edited in param_groups since they entered are checked again, before anything
+        # (eagerly: under compile the group's values are graph constants, guarded by dynamo)
+        groups = self.param_groups
+        if not torch.compiler.is_compiling():
+            groups = [validate_group(g, where=f"param group {i}") for i, g in enumerate(groups)]
+        work = [(group, self._gather(group, created)) for group in groups]
         work = [(group, lists) for group, lists in work if lists[0]]
         # One group validates inside its own call (nothing of the step is written before);
         # several are all validated first, so that a bad one leaves every group unchanged.

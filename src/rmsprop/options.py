@@ -82,6 +82,10 @@ class Option:
                 raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(value.shape)}")
             if not value.is_floating_point():
                 raise TypeError(f"Tensor lr must be a floating-point tensor, got {value.dtype}")
+            if value.device.type == "meta":
+                raise ValueError("Tensor lr must hold a value (it is on the meta device)")
+            if value.device.type != "cpu":
+                return value  # reading it would synchronise the device (capturable training)
             number = float(value.detach().reshape(()).item())
         else:
             number = _number(self.name, value)
@@ -112,7 +116,10 @@ def _number(name: str, value: Any) -> float:
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a number, not a tensor (only lr may be a tensor)")
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"Invalid {name} value: {value} ({name} must be a finite number)") from None
 
 
 OPTIONS: tuple[Option, ...] = (

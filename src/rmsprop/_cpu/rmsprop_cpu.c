@@ -48,7 +48,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define RMS_ABI_VERSION 2
+#define RMS_ABI_VERSION 3
 
 /* Element kinds of a record (storage dtype); complex tensors are (re, im) pairs of f32 / f64. */
 enum { RMS_F32 = 0, RMS_F64 = 1, RMS_BF16 = 2, RMS_F16 = 3, RMS_C64 = 4, RMS_C128 = 5, RMS_KINDS = 6 };
@@ -78,6 +78,7 @@ enum {
     RMS_ST_OVERLAP = 9,      /* shares memory with another tensor this step touches */
     RMS_ST_NOT_CHOSEN = 10,  /* supported, but excluded by the caller's dtype mask */
     RMS_ST_DIMS = 11,        /* more than RMS_MAX_DIMS dimensions */
+    RMS_ST_STORAGE = 12,     /* its elements reach past the end of its storage (a resized storage) */
 };
 enum { RMS_T_PARAM = 0, RMS_T_GRAD = 1, RMS_T_SQUARE_AVG = 2, RMS_T_GRAD_AVG = 3, RMS_T_MOMENTUM = 4, RMS_T_STEP = 5 };
 #define RMS_STATUS(reason, which) ((int8_t)((reason) | ((which) << 4)))
@@ -104,6 +105,7 @@ typedef struct {
     rms_i64_fn numel, dim;            /* aoti_torch_get_numel, aoti_torch_get_dim */
     rms_i32_fn dtype, device_type, layout;
     rms_arr_fn sizes, strides;
+    rms_i64_fn storage_size, storage_offset; /* bytes of the storage; offset in elements */
     int32_t dtype_code[RMS_KINDS];    /* torch's ScalarType codes for f32, f64, bf16, f16, c64, c128 */
     int32_t device_cpu, layout_strided;
 } rms_torch_api;
@@ -168,6 +170,7 @@ static const rms_field api_fields[] = {
     RMS_FIELD(rms_torch_api, dim),              RMS_FIELD(rms_torch_api, dtype),
     RMS_FIELD(rms_torch_api, device_type),      RMS_FIELD(rms_torch_api, layout),
     RMS_FIELD(rms_torch_api, sizes),            RMS_FIELD(rms_torch_api, strides),
+    RMS_FIELD(rms_torch_api, storage_size),     RMS_FIELD(rms_torch_api, storage_offset),
     RMS_FIELD(rms_torch_api, dtype_code),       RMS_FIELD(rms_torch_api, device_cpu),
     RMS_FIELD(rms_torch_api, layout_strided),
 };
@@ -197,7 +200,8 @@ int32_t rmsprop_set_isa(int32_t isa);
 int32_t rmsprop_init(const rms_torch_api *api) {
     if (!api || api->struct_size != (int64_t)sizeof(rms_torch_api)) return -1;
     if (!api->mutable_data_ptr || !api->const_data_ptr || !api->numel || !api->dim || !api->dtype ||
-        !api->device_type || !api->layout || !api->sizes || !api->strides)
+        !api->device_type || !api->layout || !api->sizes || !api->strides || !api->storage_size ||
+        !api->storage_offset)
         return -1;
     g_api = *api;
     rmsprop_set_isa(-1);
@@ -320,12 +324,26 @@ static int describe(const int64_t *slot, int writable, rms_view *out) {
         if (!ptr) return RMS_ST_TORCH;
         out->ptr = ptr;
     }
-    int64_t expected = 1;
     out->contiguous_order = 1;
+    if (out->numel == 0) return 0; /* nothing is read or written */
+    /* contiguity, and the furthest element from the start (every stride is >= 0 in torch) */
+    int64_t expected = 1, furthest = 0;
     for (int64_t d = out->dim - 1; d >= 0; d--) {
-        if (sizes[d] < 0) return RMS_ST_TORCH;
+        if (sizes[d] <= 0 || strides[d] < 0) return RMS_ST_TORCH;
         if (sizes[d] != 1 && strides[d] != expected) out->contiguous_order = 0;
-        expected *= sizes[d];
+        int64_t reach;
+        if (__builtin_mul_overflow(sizes[d] - 1, strides[d], &reach) || __builtin_add_overflow(furthest, reach, &furthest) ||
+            __builtin_mul_overflow(expected, sizes[d], &expected))
+            return RMS_ST_STORAGE;
+    }
+    /* every element must lie inside the storage: a storage resized under its tensor (or a
+     * view made with as_strided) would otherwise be read and written past its end */
+    if (out->kind >= 0) {
+        int64_t offset, nbytes, end;
+        if (g_api.storage_offset(h, &offset) || g_api.storage_size(h, &nbytes)) return RMS_ST_TORCH;
+        if (offset < 0 || __builtin_add_overflow(offset, furthest, &end) || __builtin_add_overflow(end, 1, &end) ||
+            __builtin_mul_overflow(end, (int64_t)kind_size(out->kind), &end) || end > nbytes)
+            return RMS_ST_STORAGE;
     }
     return 0;
 }
@@ -347,7 +365,7 @@ static int dense(const rms_view *t) {
     int64_t expected = 1;
     for (int64_t i = 0; i < n; i++) {
         if (t->strides[order[i]] != expected) return 0;
-        expected *= t->sizes[order[i]];
+        if (__builtin_mul_overflow(expected, t->sizes[order[i]], &expected)) return 0;
     }
     return 1;
 }

@@ -62,10 +62,14 @@ _REASONS = {
     9: "shares memory with another tensor this step touches",
     10: "is float16, which the fused kernel takes only with fused=True on a CPU without F16C",
     11: "has more than 64 dimensions",
-    12: "is a tensor subclass (only plain tensors reach the kernel)",
-    13: "has its conjugate or negative bit set",
+    12: "has elements past the end of its storage (was the storage resized under it?)",
+    13: "is a tensor subclass (only plain tensors reach the kernel)",
+    14: "has its conjugate or negative bit set",
 }
-_ST_SUBCLASS, _ST_BITS = 12, 13
+_ST_SUBCLASS, _ST_BITS = 13, 14
+# What no path can step (a tensor torch itself cannot read, elements past the storage's end): an
+# error even with fused=None, where anything else the kernel declines goes to torch's path.
+_FATAL = frozenset((1, 2, 12))
 
 
 def explain(status: int, index: int, params: Sequence[Tensor]) -> str:
@@ -79,10 +83,14 @@ def explain(status: int, index: int, params: Sequence[Tensor]) -> str:
     )
 
 
-def _scalar(t: Tensor | None) -> tuple[Tensor | None, ctypes.Array | None]:
+def _scalar(t: Tensor | None, as_flag: bool = False) -> tuple[Tensor | None, ctypes.Array | None]:
+    """A one-element float32 CPU copy for the kernel; ``as_flag``: 1.0 where ``t`` is nonzero in
+    its own dtype (a float64 found_inf of 1e-50 is an inf found, as on torch's path)."""
     if t is None:
         return None, None
-    t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    t = t.detach()
+    t = (t != 0) if as_flag else t
+    t = t.to(device="cpu", dtype=torch.float32).reshape(()).contiguous()
     return t, native.handles([t])
 
 
@@ -91,7 +99,7 @@ class _Call:
 
     def __init__(self, lr: float, rule: Rule, kinds: int, grad_scale, found_inf) -> None:
         self.scale, self.scale_handle = _scalar(grad_scale)
-        self.inf, self.inf_handle = _scalar(found_inf)
+        self.inf, self.inf_handle = _scalar(found_inf, as_flag=True)
         self.struct = native.Call(
             lr=lr,
             **{o.name: getattr(rule, o.name) for o in RULE_OPTIONS},
@@ -144,6 +152,28 @@ def _python_exclusions(lists: Lists6, status: bytearray, grads_only: bool = Fals
                     status[i] = _ST_BITS | (which << 4)
 
 
+_NEEDED = {"grads": lambda r: True, "square_avgs": lambda r: True, "steps": lambda r: True,
+           "grad_avgs": lambda r: r.centered, "momentum_buffers": lambda r: r.momentum > 0}  # fmt: skip
+
+
+def _check_lists(lists: Lists6, rule: Rule) -> None:
+    """Every list the rule needs holds one tensor per parameter (C reads that many)."""
+    n = len(lists[0])
+    names = ("grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")
+    for name, lst in zip(names, lists[1:], strict=True):
+        if (_NEEDED[name](rule) or lst) and len(lst) != n:
+            raise ValueError(f"fused RMSprop: {name} has {len(lst)} tensors for {n} parameters")
+
+
+def _check_types(lists: Lists6) -> None:
+    for name, lst in zip(_WHICH, lists, strict=True):
+        if not all(map(isinstance, lst, [Tensor] * len(lst))):
+            i = next(i for i, t in enumerate(lst) if not isinstance(t, Tensor))
+            raise RuntimeError(
+                f"parameter {i}: its {name} is a {type(lst[i]).__name__}, not a tensor; nothing was updated"
+            )
+
+
 def _check_inference(written: Sequence[Sequence[Tensor]]) -> None:
     """torch refuses in-place updates of inference tensors outside inference mode; so do we,
     before anything is written."""
@@ -191,6 +221,7 @@ def prepare(
     nothing unless every tensor passes (the caller must not have written anything of this step
     that a failure would leave half-applied).
     """
+    _check_lists(lists, rule)
     params, grads, square_avgs, grad_avgs, momentum_buffers, steps = lists
     n = len(params)
     persisted = (params, square_avgs, grad_avgs, momentum_buffers, steps)
@@ -200,6 +231,13 @@ def prepare(
 
     grad_status = bytearray(n)
     _python_exclusions(lists, grad_status, grads_only=True, conj=entry is None or entry.has_complex)
+    if entry is not None:
+        # `p.data = p.data.conj()` (or the private _neg_view) keeps the object and its address:
+        # the parameter's bits are the one thing the kernel's memory cannot see change
+        if any(map(Tensor.is_neg, params)) or (entry.has_complex and any(map(Tensor.is_conj, params))):
+            entry = None
+        elif grads_written:
+            _check_inference([grads])  # unscaled in place
     grad_column = native.handles(grads)
 
     def full() -> tuple[Entry, Callable[[], None] | None, list[int]]:
@@ -207,6 +245,7 @@ def prepare(
         written = [params, square_avgs, grad_avgs, momentum_buffers, steps] + (
             [grads] if grads_written else []
         )
+        _check_types(lists)
         _check_inference(written)
         has_complex = any(map(torch.is_complex, params))
         fresh = Entry(persisted, has_complex)
@@ -220,6 +259,9 @@ def prepare(
             raise RuntimeError(
                 f"fused=True: {explain(status[first_bad], first_bad, params)}; nothing was updated"
             )
+        fatal = next((i for i, s in enumerate(status) if s & 0xF in _FATAL), None)
+        if fatal is not None:
+            raise RuntimeError(f"RMSprop: {explain(status[fatal], fatal, params)}; nothing was updated")
         fresh.excluded = status
         fresh.grad_caused = any(s and (s >> 4) == 1 for s in status)
         leftovers = fresh.leftovers()
@@ -281,14 +323,17 @@ _SCHEMA = (
     + ", ".join(f"Tensor({chr(97 + i)}!)[] {name}" for i, name in enumerate(_LIST_ARGS))
     + ", Tensor lr, "
     + ", ".join(f"{'float' if o.kind == 'number' else 'bool'} {o.name}" for o in RULE_OPTIONS)
-    + ", int kinds, Tensor? grad_scale, Tensor? found_inf) -> ()"
+    + ", int kinds, bool required, Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 torch.library.define("rmsprop::fused_step", _SCHEMA)
 
 
 @torch.library.impl("rmsprop::fused_step", "CompositeExplicitAutograd")
 def _fused_step_impl(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, *args):
-    rule_values, (kinds, grad_scale, found_inf) = args[: len(RULE_OPTIONS)], args[len(RULE_OPTIONS) :]
+    """The op's body, run eagerly: the same validation and kernel call as the eager path (no
+    cache). ``required`` is the user's fused=True; without it, what the kernel declines (memory
+    shared between tensors, a conjugate bit...) takes torch's foreach path here, as in eager."""
+    rule_values, (kinds, required, grad_scale, found_inf) = args[: len(RULE_OPTIONS)], args[len(RULE_OPTIONS) :]
     rule = Rule(**{o.name: v for o, v in zip(RULE_OPTIONS, rule_values, strict=True)})
     lists = (
         list(params),
@@ -299,19 +344,19 @@ def _fused_step_impl(params, grads, square_avgs, grad_avgs, momentum_buffers, st
         list(steps),
     )
 
-    def refuse(indices: list[int]):
-        raise RuntimeError(
-            f"rmsprop::fused_step: {len(indices)} tensors the kernel cannot take reached the compiled op"
-        )
+    def torch_path(indices: list[int]):
+        from ... import functional
+
+        return functional.leftover_step(lists, indices, lr=lr, rule=rule, grad_scale=grad_scale, found_inf=found_inf)
 
     prepare(
         lists,
         lr=float(lr),
         rule=rule,
         kinds=kinds,
-        required=True,
+        required=required,
         cache=None,
-        torch_path=refuse,
+        torch_path=torch_path,
         grad_scale=grad_scale,
         found_inf=found_inf,
         check_now=False,
@@ -323,12 +368,12 @@ def _fused_step_fake(*args) -> None:
     return None
 
 
-def compiled_step(lists: Lists6, *, lr, rule: Rule, kinds: int, grad_scale, found_inf) -> None:
+def compiled_step(lists: Lists6, *, lr, rule: Rule, kinds: int, required: bool, grad_scale, found_inf) -> None:
     """The step as dynamo should see it: one call of the custom op, lr as a tensor (a float lr
     is still a constant of the graph: dynamo guards on it, as it does for torch's optimizers)."""
     lr_tensor = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     torch.ops.rmsprop.fused_step(
-        *lists, lr_tensor, *(getattr(rule, o.name) for o in RULE_OPTIONS), kinds, grad_scale, found_inf
+        *lists, lr_tensor, *(getattr(rule, o.name) for o in RULE_OPTIONS), kinds, required, grad_scale, found_inf
     )
 
 

@@ -35,7 +35,7 @@ from ...options import RULE_OPTIONS
 
 __all__ = ["LIB", "load_error", "is_available", "Lists", "Call", "LIST_NAMES", "handles", "memo_size"]
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 # Element kinds of the C side, in its order, and the dtypes they are.
 KINDS = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
 LIST_NAMES = ("param", "grad", "square_avg", "grad_avg", "momentum_buffer", "step")
@@ -92,6 +92,8 @@ class TorchApi(ctypes.Structure):
         ("layout", _FN),
         ("sizes", _FN),
         ("strides", _FN),
+        ("storage_size", _FN),
+        ("storage_offset", _FN),
         ("dtype_code", ctypes.c_int32 * len(KINDS)),
         ("device_cpu", ctypes.c_int32),
         ("layout_strided", ctypes.c_int32),
@@ -108,6 +110,8 @@ _SHIM_FUNCTIONS = {
     "layout": "aoti_torch_get_layout",
     "sizes": "aoti_torch_get_sizes",
     "strides": "aoti_torch_get_strides",
+    "storage_size": "aoti_torch_get_storage_size",
+    "storage_offset": "aoti_torch_get_storage_offset",
 }
 _DTYPE_FUNCTIONS = (
     "aoti_torch_dtype_float32",
