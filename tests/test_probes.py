@@ -2,8 +2,9 @@
 
 Each probe is a small script that sets up what a careless or adversarial user does and asserts
 what must happen instead: a clear error with nothing changed, or the right numbers. Running it
-in its own interpreter makes a crash (a write past a tensor's end, a NULL dereference, a heap
-overflow) a test failure instead of the end of the test run. ``scripts/sanitize.sh`` runs this
+in its own process (a child forked from one interpreter that has imported torch and the library
+once, so that each probe does not pay seconds of imports) makes a crash (a write past a
+tensor's end, a NULL dereference, a heap overflow) a test failure instead of the end of the test run. ``scripts/sanitize.sh`` runs this
 file against the kernel built with AddressSanitizer and UBSan, which also catches the reads and
 writes out of bounds that do not crash.
 
@@ -12,9 +13,11 @@ The numbers in the probe names refer to the list in the "trust the fast path" is
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -503,10 +506,94 @@ assert calls == []
 }
 
 
+# Each probe runs in a child forked from one server interpreter that has imported torch and the
+# library (the PRELUDE) once: a crash still ends only that child, and the suite does not pay a
+# torch (and dynamo) import, seconds, per probe. A probe with its own environment gets a fresh interpreter.
+_SERVER = r"""
+import json, os, signal, sys, time, traceback
+namespace = {"__name__": "__probe__"}
+exec(compile(json.loads(sys.argv[1]), "<prelude>", "exec"), namespace)
+# torch's Optimizer imports dynamo on first construction (seconds): once here, not in every child
+import torch._dynamo
+sys.stdout.write("READY\n"); sys.stdout.flush()
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        out = os.open(request["out"], os.O_WRONLY | os.O_TRUNC)
+        os.dup2(out, 1); os.dup2(out, 2)
+        code = 0
+        try:
+            exec(compile(request["code"], "<probe>", "exec"), namespace)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc(); code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+    deadline = time.monotonic() + request["timeout"]
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0); status = None
+            break
+        time.sleep(0.005)
+    code = "timeout" if status is None else os.waitstatus_to_exitcode(status)
+    sys.stdout.write(json.dumps(code) + "\n"); sys.stdout.flush()
+"""
+
+
+class _ProbeServer:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, json.dumps(PRELUDE)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if self.proc.stdout.readline().strip() != "READY":
+            raise RuntimeError("the probe server did not start")
+
+    def run(self, code: str, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.NamedTemporaryFile("r", suffix=".probe") as out:
+            request = {"code": code, "out": out.name, "timeout": timeout}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            code_line = self.proc.stdout.readline()
+            if not code_line:
+                raise RuntimeError("the probe server died")
+            returncode = json.loads(code_line)
+            text = out.read()
+        if returncode == "timeout":
+            returncode = -9
+            text += f"\n[probe killed after {timeout} s]"
+        return subprocess.CompletedProcess(["probe"], returncode, text, text)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+_server: _ProbeServer | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _probe_server():
+    global _server
+    _server = _ProbeServer()
+    yield
+    _server.close()
+    _server = None
+
+
 def _run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    script = PRELUDE + textwrap.dedent(code) + "\nprint('PROBE-OK')\n"
+    body = textwrap.dedent(code) + "\nprint('PROBE-OK')\n"
+    if env is None and _server is not None:
+        return _server.run(body, timeout=300)
     return subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", PRELUDE + body],
         capture_output=True,
         text=True,
         timeout=300,
@@ -524,6 +611,19 @@ def test_probe(name):
 
 
 def test_a_crash_fails_a_probe():
-    """The harness itself: a segfault in the subprocess is a failure, not a pass."""
+    """The harness itself: a segfault in a probe is a failure, not a pass, and the next probe
+    still runs."""
     result = _run("import ctypes; ctypes.string_at(0)")
     assert result.returncode != 0 and "PROBE-OK" not in result.stdout
+    assert _run("x = 1").returncode == 0
+
+
+def test_a_probe_that_raises_fails():
+    result = _run("assert 1 + 1 == 3, 'arithmetic'")
+    assert result.returncode == 1 and "arithmetic" in result.stdout
+
+
+def test_probes_do_not_see_each_others_changes():
+    """Each probe is a fork of the prelude's state: what one changes, the next does not see."""
+    assert _run("rmsprop.RMSprop = None; torch.manual_seed(7)").returncode == 0
+    assert _run("assert rmsprop.RMSprop is not None").returncode == 0
