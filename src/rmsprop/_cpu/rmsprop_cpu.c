@@ -693,29 +693,43 @@ typedef struct {
 static const rms_converters portable_converters = {bf16_to_f32_portable, f16_to_f32_portable, f32_to_bf16_portable,
                                                    f32_to_f16_portable};
 static rms_converters g_cvt = {bf16_to_f32_portable, f16_to_f32_portable, f32_to_bf16_portable, f32_to_f16_portable};
-static atomic_int g_isa = 0; /* 0 portable, 1 AVX2 (+F16C for fp16) */
+static atomic_int g_isa = 0; /* 0 portable, 1 AVX2 (+F16C for fp16: 2), 3 AVX-512 */
+#ifdef RMS_HAVE_X86_SIMD
+static void bf16_to_f32_avx512(const uint16_t *in, float *out, int64_t n);
+static void f32_to_bf16_avx512(const float *in, uint16_t *out, int64_t n);
+static void f16_to_f32_avx512(const uint16_t *in, float *out, int64_t n);
+static void f32_to_f16_avx512(const float *in, uint16_t *out, int64_t n);
+#endif
 
-/* The best conversions this CPU runs (isa = -1), or the portable ones (isa = 0) — for tests,
- * which check both. Returns the ISA in use. */
+/* The best conversions and loops this CPU runs (isa = -1), or the best up to a level (0: the
+ * portable ones, 2: AVX2 + F16C at most) — for tests, which check each, and benchmarks, which
+ * compare them. Returns the level in use. */
 int32_t rmsprop_set_isa(int32_t isa) {
     rms_converters chosen = portable_converters;
     int32_t got = 0;
+    const int32_t cap = isa < 0 ? 3 : isa;
 #ifdef RMS_HAVE_X86_SIMD
-    if (isa != 0) {
+    if (cap >= 1) {
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx2")) {
             chosen.bf16_in = bf16_to_f32_avx2;
             chosen.bf16_out = f32_to_bf16_avx2;
             got = 1;
-            if (__builtin_cpu_supports("f16c")) {
+            if (cap >= 2 && __builtin_cpu_supports("f16c")) {
                 chosen.f16_in = f16_to_f32_f16c;
                 chosen.f16_out = f32_to_f16_f16c;
                 got = 2;
+                /* libgcc's check includes the OS's support for the 512-bit registers (XCR0) */
+                if (cap >= 3 && __builtin_cpu_supports("avx512f")) {
+                    chosen = (rms_converters){bf16_to_f32_avx512, f16_to_f32_avx512, f32_to_bf16_avx512,
+                                              f32_to_f16_avx512};
+                    got = 3;
+                }
             }
         }
     }
 #else
-    (void)isa;
+    (void)cap;
 #endif
     g_cvt = chosen;
     atomic_store(&g_isa, got);
@@ -751,73 +765,77 @@ RMS_AVX2 static inline void vstore_f16(uint16_t *x, __m256 f) {
     _mm_storeu_si128((__m128i *)x, _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
 }
 
-/* Eight values of the scalar loop's body (DEFINE_LOOP), in the same order of operations. */
-#define RMS_VBODY(VLOAD, VSTORE, P, G, V, M, B)                                                      \
+/* One vector (W bits: 256 or 512) of the scalar loop's body (DEFINE_LOOP), in the same order of
+ * operations. The intrinsics are named by width (_mm256_mul_ps, _mm512_mul_ps), so one body
+ * serves both widths; max keeps its NaN rule at both (a NaN second operand passes through). */
+#define VOP(W, op) _mm##W##_##op##_ps
+#define RMS_VBODY(W, VLOAD, VSTORE, P, G, V, M, B)                                                   \
     do {                                                                                            \
-        __m256 g = VLOAD(G), p = VLOAD(P);                                                          \
-        if (!plain) g = _mm256_mul_ps(g, gscale);                                                   \
-        if (coupled) g = _mm256_add_ps(g, _mm256_mul_ps(wd, p));                                    \
-        if (!plain) p = _mm256_mul_ps(p, decay);                                                    \
-        __m256 v = _mm256_add_ps(_mm256_mul_ps(alpha, VLOAD(V)), _mm256_mul_ps(_mm256_mul_ps(oma, g), g)); \
-        __m256 s = plain ? v : _mm256_mul_ps(v, ic);                                                \
+        __m##W g = VLOAD(G), p = VLOAD(P);                                                          \
+        if (!plain) g = VOP(W, mul)(g, gscale);                                                     \
+        if (coupled) g = VOP(W, add)(g, VOP(W, mul)(wd, p));                                        \
+        if (!plain) p = VOP(W, mul)(p, decay);                                                      \
+        __m##W v = VOP(W, add)(VOP(W, mul)(alpha, VLOAD(V)), VOP(W, mul)(VOP(W, mul)(oma, g), g));  \
+        __m##W s = plain ? v : VOP(W, mul)(v, ic);                                                  \
         if (centered) {                                                                             \
-            __m256 m = VLOAD(M);                                                                    \
-            m = _mm256_add_ps(m, _mm256_mul_ps(oma, _mm256_sub_ps(g, m)));                          \
-            __m256 mh = plain ? m : _mm256_mul_ps(m, ic);                                           \
-            s = _mm256_sub_ps(s, _mm256_mul_ps(mh, mh));                                            \
-            s = _mm256_max_ps(zero, s); /* s < 0 -> 0; NaN (second operand) passes through */      \
+            __m##W m = VLOAD(M);                                                                    \
+            m = VOP(W, add)(m, VOP(W, mul)(oma, VOP(W, sub)(g, m)));                                \
+            __m##W mh = plain ? m : VOP(W, mul)(m, ic);                                             \
+            s = VOP(W, sub)(s, VOP(W, mul)(mh, mh));                                                \
+            s = VOP(W, max)(zero, s); /* s < 0 -> 0; NaN (second operand) passes through */        \
             VSTORE(M, m);                                                                           \
         }                                                                                           \
-        __m256 u = eps_inside ? _mm256_div_ps(g, _mm256_sqrt_ps(_mm256_add_ps(s, eps)))             \
-                              : _mm256_div_ps(g, _mm256_add_ps(_mm256_sqrt_ps(s), eps));            \
+        __m##W u = eps_inside ? VOP(W, div)(g, VOP(W, sqrt)(VOP(W, add)(s, eps)))                   \
+                              : VOP(W, div)(g, VOP(W, add)(VOP(W, sqrt)(s), eps));                  \
         if (mom_kind == 0) {                                                                        \
-            p = _mm256_sub_ps(p, _mm256_mul_ps(lr, u));                                             \
+            p = VOP(W, sub)(p, VOP(W, mul)(lr, u));                                                 \
         } else {                                                                                    \
-            __m256 b = _mm256_add_ps(_mm256_mul_ps(mu, VLOAD(B)), _mm256_mul_ps(k_buf, u));         \
-            __m256 applied = mom_kind == 2 ? _mm256_add_ps(_mm256_mul_ps(k_buf, u), _mm256_mul_ps(mu, b)) : b; \
-            p = _mm256_sub_ps(p, _mm256_mul_ps(k_par, applied));                                    \
+            __m##W b = VOP(W, add)(VOP(W, mul)(mu, VLOAD(B)), VOP(W, mul)(k_buf, u));               \
+            __m##W applied = mom_kind == 2 ? VOP(W, add)(VOP(W, mul)(k_buf, u), VOP(W, mul)(mu, b)) : b; \
+            p = VOP(W, sub)(p, VOP(W, mul)(k_par, applied));                                        \
             VSTORE(B, b);                                                                           \
         }                                                                                           \
         VSTORE(V, v);                                                                               \
         VSTORE(P, p);                                                                               \
     } while (0)
 
-#define DEFINE_VLOOP(NAME, VLOAD, VSTORE)                                                            \
-    RMS_AVX2 static inline __attribute__((always_inline)) void NAME##_body(                          \
+/* The loop over one slice at vector width W (LANES values a vector), compiled for TARGET. */
+#define DEFINE_VLOOP(NAME, TARGET, W, LANES, VLOAD, VSTORE)                                         \
+    TARGET static inline __attribute__((always_inline)) void NAME##_body(                            \
         uint16_t *restrict p_, uint16_t *restrict g_, uint16_t *restrict v_, uint16_t *restrict m_,  \
         uint16_t *restrict b_, int64_t n, const rms_scalars *c, float inv_corr, int write_back,      \
         const int centered, const int mom_kind, const int coupled, const int eps_inside, const int plain) { \
-        const __m256 inv_scale = _mm256_set1_ps((float)c->inv_scale), wd = _mm256_set1_ps((float)c->wd); \
-        const __m256 decay = _mm256_set1_ps((float)c->decay), alpha = _mm256_set1_ps((float)c->alpha); \
-        const __m256 oma = _mm256_set1_ps((float)c->one_minus_alpha), eps = _mm256_set1_ps((float)c->eps); \
-        const __m256 lr = _mm256_set1_ps((float)c->lr), mu = _mm256_set1_ps((float)c->mu);          \
-        const __m256 k_buf = _mm256_set1_ps((float)c->k_buf), k_par = _mm256_set1_ps((float)c->k_par); \
-        const __m256 ic = _mm256_set1_ps(inv_corr), zero = _mm256_setzero_ps();                     \
+        const __m##W inv_scale = VOP(W, set1)((float)c->inv_scale), wd = VOP(W, set1)((float)c->wd); \
+        const __m##W decay = VOP(W, set1)((float)c->decay), alpha = VOP(W, set1)((float)c->alpha);  \
+        const __m##W oma = VOP(W, set1)((float)c->one_minus_alpha), eps = VOP(W, set1)((float)c->eps); \
+        const __m##W lr = VOP(W, set1)((float)c->lr), mu = VOP(W, set1)((float)c->mu);              \
+        const __m##W k_buf = VOP(W, set1)((float)c->k_buf), k_par = VOP(W, set1)((float)c->k_par);  \
+        const __m##W ic = VOP(W, set1)(inv_corr), zero = VOP(W, setzero)();                         \
         const float gs = write_back ? (float)c->sign : (float)c->inv_scale * (float)c->sign;       \
-        const __m256 gscale = _mm256_set1_ps(gs);                                                   \
-        const int64_t whole = n - n % 8;                                                            \
+        const __m##W gscale = VOP(W, set1)(gs);                                                     \
+        const int64_t whole = n - n % LANES;                                                        \
         if (write_back) { /* AMP: unscale the gradient in place, as GradScaler.unscale_ would */   \
-            for (int64_t i = 0; i < whole; i += 8) VSTORE(g_ + i, _mm256_mul_ps(VLOAD(g_ + i), inv_scale)); \
+            for (int64_t i = 0; i < whole; i += LANES) VSTORE(g_ + i, VOP(W, mul)(VLOAD(g_ + i), inv_scale)); \
         }                                                                                           \
-        for (int64_t i = 0; i < whole; i += 8)                                                      \
-            RMS_VBODY(VLOAD, VSTORE, p_ + i, g_ + i, v_ + i, m_ + i, b_ + i);                       \
-        if (whole < n) { /* the tail, on eight-value copies (the extra lanes are never stored) */  \
+        for (int64_t i = 0; i < whole; i += LANES)                                                  \
+            RMS_VBODY(W, VLOAD, VSTORE, p_ + i, g_ + i, v_ + i, m_ + i, b_ + i);                    \
+        if (whole < n) { /* the tail, on one-vector copies (the extra lanes are never stored) */   \
             const int64_t k = n - whole;                                                            \
-            uint16_t P[8] = {0}, G[8] = {0}, V[8] = {0}, M[8] = {0}, B[8] = {0};                    \
+            uint16_t P[LANES] = {0}, G[LANES] = {0}, V[LANES] = {0}, M[LANES] = {0}, B[LANES] = {0}; \
             memcpy(P, p_ + whole, (size_t)k * 2); memcpy(G, g_ + whole, (size_t)k * 2);             \
             memcpy(V, v_ + whole, (size_t)k * 2);                                                   \
             if (centered) memcpy(M, m_ + whole, (size_t)k * 2);                                     \
             if (mom_kind) memcpy(B, b_ + whole, (size_t)k * 2);                                     \
-            if (write_back) VSTORE(G, _mm256_mul_ps(VLOAD(G), inv_scale));                          \
-            RMS_VBODY(VLOAD, VSTORE, P, G, V, M, B);                                                \
+            if (write_back) VSTORE(G, VOP(W, mul)(VLOAD(G), inv_scale));                            \
+            RMS_VBODY(W, VLOAD, VSTORE, P, G, V, M, B);                                             \
             memcpy(p_ + whole, P, (size_t)k * 2); memcpy(v_ + whole, V, (size_t)k * 2);             \
             if (write_back) memcpy(g_ + whole, G, (size_t)k * 2);                                   \
             if (centered) memcpy(m_ + whole, M, (size_t)k * 2);                                     \
             if (mom_kind) memcpy(b_ + whole, B, (size_t)k * 2);                                     \
         }                                                                                           \
     }                                                                                               \
-    RMS_AVX2 static void NAME(uint16_t *p, uint16_t *g, uint16_t *v, uint16_t *m, uint16_t *b, int64_t n, \
-                              const rms_scalars *c, double inv_corr, int write_back, int variant) { \
+    TARGET static void NAME(uint16_t *p, uint16_t *g, uint16_t *v, uint16_t *m, uint16_t *b, int64_t n, \
+                            const rms_scalars *c, double inv_corr, int write_back, int variant) {   \
         float ic = (float)inv_corr;                                                                 \
         const int plain = variant & 1, eps_inside = (variant >> 1) & 1, coupled = (variant >> 2) & 1; \
         const int kind = (variant >> 3) % 3, centered = (variant >> 3) / 3;                        \
@@ -828,8 +846,44 @@ RMS_AVX2 static void vstore_bf16_array(const float *in, uint16_t *out, int64_t n
     for (; i + 8 <= n; i += 8) vstore_bf16(out + i, _mm256_loadu_ps(in + i));
     for (; i < n; i++) out[i] = bf16_store(in[i]);
 }
-DEFINE_VLOOP(vloop_bf16, vload_bf16, vstore_bf16)
-DEFINE_VLOOP(vloop_f16, vload_f16, vstore_f16)
+DEFINE_VLOOP(vloop_bf16, RMS_AVX2, 256, 8, vload_bf16, vstore_bf16)
+DEFINE_VLOOP(vloop_f16, RMS_AVX2, 256, 8, vload_f16, vstore_f16)
+
+/* AVX-512: sixteen values a vector, twice the arithmetic per instruction: the low-precision
+ * steps are bound by arithmetic (sqrt, div), not memory, so this is where they gain. The same
+ * roundings as the AVX2 code (bf16: the integer round-half-even, NaN -> 0x7fc0; fp16: the
+ * hardware's round-to-nearest-even), checked exhaustively like the others. */
+#define RMS_AVX512 __attribute__((target("avx512f,avx2,f16c")))
+RMS_AVX512 static inline __m512 vload_bf16_512(const uint16_t *x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+RMS_AVX512 static inline void vstore_bf16_512(uint16_t *x, __m512 f) {
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i t = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    t = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), t, _mm512_set1_epi32(0x7fc00000));
+    _mm256_storeu_si256((__m256i *)x, _mm512_cvtepi32_epi16(_mm512_srli_epi32(t, 16)));
+}
+RMS_AVX512 static inline __m512 vload_f16_512(const uint16_t *x) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)x));
+}
+RMS_AVX512 static inline void vstore_f16_512(uint16_t *x, __m512 f) {
+    _mm256_storeu_si256((__m256i *)x, _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#define RMS_ARRAY_CVT(NAME, IN_T, OUT_T, LOAD, STORE, SCALAR)                                        \
+    RMS_AVX512 static void NAME(const IN_T *in, OUT_T *out, int64_t n) {                           \
+        int64_t i = 0;                                                                              \
+        for (; i + 16 <= n; i += 16) STORE(out + i, LOAD(in + i));                                  \
+        for (; i < n; i++) out[i] = SCALAR(in[i]);                                                  \
+    }
+#define RMS_LOAD_F32_512(x) _mm512_loadu_ps(x)
+#define RMS_STORE_F32_512(x, v) _mm512_storeu_ps(x, v)
+RMS_ARRAY_CVT(bf16_to_f32_avx512, uint16_t, float, vload_bf16_512, RMS_STORE_F32_512, bf16_load)
+RMS_ARRAY_CVT(f32_to_bf16_avx512, float, uint16_t, RMS_LOAD_F32_512, vstore_bf16_512, bf16_store)
+RMS_ARRAY_CVT(f16_to_f32_avx512, uint16_t, float, vload_f16_512, RMS_STORE_F32_512, f16_load)
+RMS_ARRAY_CVT(f32_to_f16_avx512, float, uint16_t, RMS_LOAD_F32_512, vstore_f16_512, f16_store)
+DEFINE_VLOOP(vloop_bf16_512, RMS_AVX512, 512, 16, vload_bf16_512, vstore_bf16_512)
+DEFINE_VLOOP(vloop_f16_512, RMS_AVX512, 512, 16, vload_f16_512, vstore_f16_512)
 #endif
 
 /* The low-precision loop this CPU runs best (the choice of rmsprop_set_isa). */
@@ -837,6 +891,8 @@ static void loop_lowp(int32_t kind, uint16_t *p, uint16_t *g, uint16_t *v, uint1
                       const rms_scalars *c, double inv_corr, int write_back, int variant) {
 #ifdef RMS_HAVE_X86_SIMD
     const int isa = atomic_load(&g_isa);
+    if (kind == RMS_BF16 && isa >= 3) { vloop_bf16_512(p, g, v, m, b, n, c, inv_corr, write_back, variant); return; }
+    if (kind == RMS_F16 && isa >= 3) { vloop_f16_512(p, g, v, m, b, n, c, inv_corr, write_back, variant); return; }
     if (kind == RMS_BF16 && isa >= 1) { vloop_bf16(p, g, v, m, b, n, c, inv_corr, write_back, variant); return; }
     if (kind == RMS_F16 && isa >= 2) { vloop_f16(p, g, v, m, b, n, c, inv_corr, write_back, variant); return; }
 #endif

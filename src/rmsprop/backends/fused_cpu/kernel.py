@@ -46,7 +46,7 @@ def default_kinds() -> int:
     """What fused=None sends to the kernel: everything, except float16 on a CPU without F16C —
     there the kernel's fp16 conversions are integer code, slower than torch's foreach path (16 vs
     9 ms for 10 x 1M); with F16C the kernel converts in registers and is faster than foreach."""
-    return ALL_KINDS if native.LIB is not None and native.isa() == "avx2+f16c" else ALL_KINDS & ~_FP16
+    return ALL_KINDS if native.LIB is not None and native.isa() in ("avx2+f16c", "avx512") else ALL_KINDS & ~_FP16
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _WHICH = ("parameter", "gradient", "square_avg", "grad_avg", "momentum_buffer", "step")
 # Status reasons (low 4 bits; the tensor is in the next 3): the C side's, then Python's own.

@@ -299,7 +299,8 @@ def _torch_openmp_entry() -> int | None:
 LIB, _LOAD_ERROR = _load()
 
 
-ISAS = ("portable", "avx2", "avx2+f16c")
+# The kernel's instruction-set levels for bfloat16 / float16 storage, by the C side's number.
+ISAS = ("portable", "avx2", "avx2+f16c", "avx512")
 _ISA = ISAS[LIB.rmsprop_isa()] if LIB is not None else "portable"
 
 
@@ -310,10 +311,13 @@ def isa() -> str:
 
 
 def use_isa(name: str) -> str:
-    """Force the portable conversions ("portable") or the best this CPU runs ("best"); for tests
-    and benchmarks, which compare them. Returns the ISA now in use."""
+    """Use the best this CPU runs ("best"), or the best up to a level of :data:`ISAS` ("portable":
+    the scalar code; "avx2+f16c": no AVX-512); for tests and benchmarks, which compare them.
+    Returns the level now in use (lower than asked where the CPU lacks it)."""
     global _ISA
-    _ISA = ISAS[LIB.rmsprop_set_isa(0 if name == "portable" else -1)]
+    if name != "best" and name not in ISAS:
+        raise ValueError(f"use_isa takes 'best' or one of {ISAS}, got {name!r}")
+    _ISA = ISAS[LIB.rmsprop_set_isa(-1 if name == "best" else ISAS.index(name))]
     return _ISA
 
 
