@@ -23,6 +23,7 @@ dtype, device, dense layout), and inference tensors outside inference mode.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -33,9 +34,11 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach, _get_capturable_supported_devices
 
+from . import lowbit
 from .backends import fused_cpu
 from .backends.foreach import rmsprop_foreach
 from .backends.fused_cpu import FusedCache
+from .backends.lowbit import rmsprop_lowbit
 from .backends.single import rmsprop_single
 from .rule import Rule
 
@@ -43,6 +46,9 @@ __all__ = ["rmsprop", "prepare", "FusedCache"]
 
 Backend = Callable[..., None]
 Lists = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
+# Per-block scales of int8 state: (square_avg / grad_var, grad_avg, momentum_buffer), each a list
+# aligned with the parameters (None where that buffer is not int8) or empty when unused.
+Scales = tuple[list, list, list]
 _LIST_NAMES = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")
 _SHAPE, _DTYPE, _DEVICE, _LAYOUT = (operator.attrgetter(a) for a in ("shape", "dtype", "device", "layout"))
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -96,11 +102,12 @@ def _check_arguments(lists: Lists, lr, rule, grad_scale, found_inf) -> float | T
     return lr
 
 
-def _check_torch_tensors(lists: Lists, capturable: bool) -> None:
+def _check_torch_tensors(lists: Lists, capturable: bool, state: bool = True) -> None:
     """What torch's op paths would trip over half-way through a step, checked before it starts:
-    each gradient and state tensor must match its parameter's sizes, dtype and device; gradients
-    must be dense; step counters must be tensors; and nothing written may be an inference tensor
-    outside inference mode."""
+    each gradient and (``state``) state tensor must match its parameter's sizes, dtype and
+    device; gradients must be dense; step counters must be tensors; and nothing written may be
+    an inference tensor outside inference mode. (Low-bit state is checked by
+    :func:`_lowbit_formats`.)"""
     params, grads = lists[0], lists[1]
     if not params:
         return
@@ -119,7 +126,7 @@ def _check_torch_tensors(lists: Lists, capturable: bool) -> None:
             f"(parameter {i} of shape {tuple(params[i].shape)} has a {grads[i].layout} .grad); nothing was updated"
         )
     shapes, dtypes, devices = list(map(_SHAPE, params)), list(map(_DTYPE, params)), list(map(_DEVICE, params))
-    for name, lst in zip(_LIST_NAMES[1:5], lists[1:5], strict=True):
+    for name, lst in zip(_LIST_NAMES[1:5], lists[1:5] if state else lists[1:2], strict=False):
         if not lst:
             continue
         for what, mine, theirs in (
@@ -159,10 +166,13 @@ def _torch_op_backend(params: list[Tensor], foreach: bool | None, differentiable
     return rmsprop_foreach if foreach else rmsprop_single
 
 
-def _torch_step(lists: Lists, backend: Backend, grad_scale, found_inf, **kwargs) -> Callable[[], None]:
+def _torch_step(
+    lists: Lists, backend: Backend, grad_scale, found_inf, checked: bool = False, **kwargs
+) -> Callable[[], None]:
     """A torch-op backend with GradScaler's contract: skip on inf, else unscale the grads in place
-    by the float32 reciprocal of the scale, exactly as GradScaler.unscale_ does."""
-    if not torch.compiler.is_compiling():
+    by the float32 reciprocal of the scale, exactly as GradScaler.unscale_ does. ``checked``:
+    the caller has validated the tensors."""
+    if not torch.compiler.is_compiling() and not checked:
         _check_torch_tensors(lists, kwargs["capturable"])
     if backend is rmsprop_foreach and kwargs["differentiable"]:
         raise ValueError("foreach=True does not support differentiable=True; use foreach=False")
@@ -233,6 +243,7 @@ def prepare(
     found_inf: Tensor | None = None,
     cache: FusedCache | None = None,
     check_now: bool = True,
+    scales: Scales | None = None,
 ) -> Callable[[], None]:
     """Validate one RMSProp step over these lists and return the function that applies it.
 
@@ -243,10 +254,15 @@ def prepare(
     """
     lists: Lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
     if torch.compiler.is_compiling():
+        if rule.state_dtype is not None:
+            return _compiled_lowbit(lists, scales, lr, rule, capturable, grad_scale, found_inf)
         return _compiled(lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf)
     lr = _check_arguments(lists, lr, rule, grad_scale, found_inf)
     if not params:
         return _nothing
+    if rule.state_dtype is not None or scales is not None:
+        return _prepare_lowbit(lists, scales, lr, rule, foreach, fused, differentiable, capturable,
+                               grad_scale, found_inf, cache, check_now)  # fmt: skip
     kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
     wants_fused = fused is True or (
         fused is None and foreach is None and not differentiable and not capturable
@@ -330,6 +346,142 @@ def _compiled(lists, lr, rule, foreach, fused, differentiable, capturable, grad_
 
     return run
 
+# ----------------------------------------------------------------------------- low-bit state
+def _check_scales(scales, n: int, rule: Rule) -> Scales:
+    if scales is None:
+        return ([], [], [])
+    if not isinstance(scales, (list, tuple)) or len(scales) != 3:
+        raise TypeError("scales must be three lists (square_avg / grad_var, grad_avg, momentum_buffer)")
+    out = []
+    for name, lst in zip(("square_avg", "grad_avg", "momentum_buffer"), scales, strict=True):
+        if not isinstance(lst, (list, tuple)) or (lst and len(lst) != n):
+            raise ValueError(f"the scales of {name} must be a list of {n} entries (tensors or None)")
+        out.append(list(lst))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _lowbit_formats(lists: Lists, scales: Scales, rule: Rule) -> list[str]:
+    """Each record's state format (see :mod:`rmsprop.lowbit`), checked against the rule's
+    ``state_dtype`` before anything is written: RuntimeError naming the record otherwise."""
+    params = lists[0]
+    buffers = [(lists[2], scales[0], "square_avg")]
+    if rule.centered:
+        buffers.append((lists[3], scales[1], "grad_avg"))
+    if rule.momentum > 0:
+        buffers.append((lists[4], scales[2], "momentum_buffer"))
+    formats = []
+    for i, p in enumerate(params):
+        try:
+            fmt = lowbit.check_record(p, [(t[i], s[i] if s else None, key) for t, s, key in buffers], rule)
+        except ValueError as exc:
+            raise RuntimeError(f"parameter {i} (shape {tuple(p.shape)}, {p.dtype}): {exc}; nothing was updated") from None
+        formats.append(fmt)
+    return formats
+
+
+def _local_scales(lists: Lists, local: Lists, scales: Scales) -> Scales:
+    """The scales of DTensor int8 state as this rank's 1-D views (see lowbit.local_scales)."""
+    if local is lists:
+        return scales
+    return tuple(
+        [None if s is None else lowbit.local_scales(s, local[0][i].numel()) for i, s in enumerate(lst)]
+        for lst in scales
+    )  # type: ignore[return-value]
+
+
+def _prepare_lowbit(lists, scales, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf,
+                    cache, check_now) -> Callable[[], None]:  # fmt: skip
+    """A step with a ``state_dtype``: records in the parameter's dtype ("same") take torch's
+    paths as without one; the others the low-bit torch-op backend or the fused kernel."""
+    if differentiable:
+        raise ValueError("differentiable=True does not support a state_dtype (rounding the state is not differentiable)")
+    if fused is True and capturable:
+        raise RuntimeError("fused=True does not support capturable=True")
+    params = lists[0]
+    scales = _check_scales(scales, len(params), rule)
+    local = _local_shards(lists)
+    if local is not lists and any(map(lowbit.is_dtensor, local[0])):
+        raise RuntimeError(
+            f"state_dtype={rule.state_dtype!r} with DTensor parameters needs each parameter, its gradient and "
+            "state in one placement (the local shards are stepped); nothing was updated"
+        )
+    local_scales = _local_scales(lists, local, scales)
+    kwargs = {"lr": lr, "rule": rule, "differentiable": False, "capturable": capturable}
+
+    def torch_path(indices: list[int]) -> Callable[[], None]:
+        # the kernel validates its own records; these are checked here, before anything runs
+        sub = _subset(local, indices)
+        sub_formats = _lowbit_formats(sub, tuple([lst[i] for i in indices] if lst else [] for lst in local_scales), rule)
+        formats = dict(zip(indices, sub_formats, strict=True))
+        same = [i for i in indices if formats[i] == "same"]
+        low = [i for i in indices if formats[i] != "same"]
+        runs = []
+        if same:
+            chosen = _subset(lists, same)
+            backend = rmsprop_foreach if foreach is None else _torch_op_backend(chosen[0], foreach, False)
+            complex_ = any(torch.is_complex(p) for p in chosen[0])
+            runs.append(_torch_step(chosen, backend, grad_scale, found_inf, has_complex=complex_, **kwargs))
+        if low:
+            chosen = _subset(local, low)
+            _check_torch_tensors(chosen, capturable, state=False)
+            backend = functools.partial(
+                rmsprop_lowbit,
+                formats=[formats[i] for i in low],
+                scales=tuple([lst[i] for i in low] if lst else [] for lst in local_scales),
+                positions=low,
+            )
+            runs.append(_torch_step(chosen, backend, grad_scale, found_inf, checked=True, **kwargs))
+        return runs[0] if len(runs) == 1 else lambda: [run() for run in runs] and None
+
+    wants_fused = fused is True or (fused is None and foreach is None and not capturable)
+    on_cpu = params[0].is_cpu or any(p.is_cpu for p in params)
+    if wants_fused and on_cpu and fused_cpu.is_available():
+        return fused_cpu.prepare(
+            local,
+            lr=float(lr),
+            rule=rule,
+            kinds=fused_cpu.ALL_KINDS if fused else fused_cpu.DEFAULT_KINDS,
+            required=bool(fused),
+            cache=cache,
+            torch_path=torch_path,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            check_now=check_now,
+            scales=local_scales,
+        )
+    if fused is True:
+        reason = (f"the parameters are on {params[0].device}" if not on_cpu
+                  else f"the fused CPU kernel is unavailable: {fused_cpu.load_error()}")  # fmt: skip
+        raise RuntimeError(f"fused=True: {reason}")
+    if wants_fused and on_cpu:
+        _warn_unavailable_once()
+    return torch_path(list(range(len(params))))
+
+
+def _compiled_lowbit(lists, scales, lr, rule, capturable, grad_scale, found_inf):
+    """Under torch.compile with a state_dtype: the low-bit torch-op path, traced (its per-step
+    scalars are tensors there, so nothing syncs or breaks the graph); records in the
+    parameter's dtype take foreach."""
+    scales = _check_scales(scales, len(lists[0]), rule)
+    formats = _lowbit_formats(lists, scales, rule)
+    kwargs = {"lr": lr, "rule": rule, "differentiable": False, "capturable": capturable}
+    same = [i for i, f in enumerate(formats) if f == "same"]
+    low = [i for i, f in enumerate(formats) if f != "same"]
+
+    def run() -> None:
+        if same:
+            _torch_step(_subset(lists, same), rmsprop_foreach, grad_scale, found_inf, has_complex=False, **kwargs)()
+        if low:
+            backend = functools.partial(
+                rmsprop_lowbit,
+                formats=[formats[i] for i in low],
+                scales=tuple([lst[i] for i in low] if lst else [] for lst in scales),
+                positions=low,
+            )
+            _torch_step(_subset(lists, low), backend, grad_scale, found_inf, checked=True, **kwargs)()
+
+    return run
+
 
 def rmsprop(
     params: list[Tensor],
@@ -349,6 +501,7 @@ def rmsprop(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     cache: FusedCache | None = None,
+    scales: Scales | None = None,
 ) -> None:
     r"""Apply one RMSProp step (see :class:`rmsprop.rule.Rule` for the formula) in place.
 
@@ -359,9 +512,15 @@ def rmsprop(
     included) when ``found_inf`` is nonzero. ``cache``: a :class:`FusedCache` kept by the caller
     across steps (the fused kernel then revalidates cheaply instead of from scratch). Raises
     before writing anything when an input is invalid (see the module docstring).
+
+    With ``rule.state_dtype`` set, the state tensors are in that format (see
+    :mod:`rmsprop.lowbit`): for ``"int8"`` the buffer lists hold the uint8 codes and ``scales``
+    their per-block float32 scales; with centered and a bf16 / int8 format ``square_avgs``
+    holds the variance ``grad_var``.
     """
     prepare(
         params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
         lr=lr, rule=rule, foreach=foreach, fused=fused, differentiable=differentiable, capturable=capturable,
         has_complex=has_complex, grad_scale=grad_scale, found_inf=found_inf, cache=cache, check_now=False,
+        scales=scales,
     )()  # fmt: skip

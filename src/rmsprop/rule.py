@@ -43,7 +43,12 @@ _DOC = (
     """
 )
 
-_TYPES = {"number": float, "flag": bool}
+def _state_dtype(value: Any) -> Any:
+    return value  # already normalized by the option table: None, a torch.dtype or "int8"
+
+
+_TYPES = {"number": float, "flag": bool, "state_dtype": _state_dtype}
+_ANNOTATIONS = {"number": float, "flag": bool, "state_dtype": Any}
 
 
 def _from_group(cls, group: dict[str, Any]) -> Rule:
@@ -53,7 +58,7 @@ def _from_group(cls, group: dict[str, Any]) -> Rule:
 
 Rule = make_dataclass(
     "Rule",
-    [(o.name, _TYPES[o.kind]) for o in RULE_OPTIONS],
+    [(o.name, _ANNOTATIONS[o.kind]) for o in RULE_OPTIONS],
     frozen=True,
     namespace={"from_group": classmethod(_from_group), "__doc__": _DOC},
 )

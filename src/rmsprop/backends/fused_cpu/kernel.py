@@ -60,6 +60,10 @@ _REASONS = {
     11: "has more than 64 dimensions",
     12: "is a tensor subclass (only plain tensors reach the kernel)",
     13: "has its conjugate or negative bit set",
+    14: "is int8 state whose scales (<buffer>_scale) are missing, not a contiguous 1-D float32 tensor, or not "
+        "one per block of 256 elements",
+    15: "has a state format the fused kernel does not take for this parameter (it takes bf16 / int8 / float32 "
+        "state of float32, bfloat16 and float16 parameters, int8 only for contiguous ones)",
 }
 _ST_SUBCLASS, _ST_BITS = 12, 13
 
@@ -90,7 +94,7 @@ class _Call:
         self.inf, self.inf_handle = _scalar(found_inf)
         self.struct = native.Call(
             lr=lr,
-            **{o.name: getattr(rule, o.name) for o in RULE_OPTIONS},
+            **{o.name: _to_c(o, getattr(rule, o.name)) for o in RULE_OPTIONS},
             dtype_mask=kinds,
             write_back=1,
             grad_scale=self.scale_handle.buffer_info()[0] if self.scale_handle is not None else None,
@@ -101,7 +105,7 @@ class _Call:
         def address(column):
             return column.buffer_info()[0] if column is not None else None
 
-        persisted = [address(c) for c in columns]
+        persisted = [address(c) for c in columns] + [None] * (8 - len(columns))
         lists = native.Lists(
             param=persisted[0],
             grad=address(grad_column),
@@ -109,6 +113,9 @@ class _Call:
             grad_avg=persisted[2],
             momentum_buffer=persisted[3],
             step=persisted[4],
+            square_avg_scale=persisted[5],
+            grad_avg_scale=persisted[6],
+            momentum_buffer_scale=persisted[7],
         )
         self.struct.mode = mode
         bad = ctypes.c_int64(-1)
@@ -123,10 +130,29 @@ class _Call:
         )
 
 
-def _python_exclusions(lists: Lists6, status: bytearray, grads_only: bool = False, conj: bool = True) -> None:
+def _to_c(option, value):
+    """A Rule field as the C struct holds it (state_dtype as its code)."""
+    return native.STATE_DTYPE_CODES[value] if option.kind == "state_dtype" else value
+
+
+def _from_c(option, value):
+    if option.kind != "state_dtype":
+        return value
+    return next(k for k, code in native.STATE_DTYPE_CODES.items() if code == value)
+
+
+def _python_exclusions(
+    lists: Lists6, status: bytearray, grads_only: bool = False, conj: bool = True, scales=()
+) -> None:
     """Mark (in ``status``) the records Python must keep from the kernel: subclasses and
     tensors with a negative or (``conj``: only complex tensors can have it) conjugate bit. Runs
-    as map() over each list: no bytecode per tensor."""
+    as map() over each list: no bytecode per tensor. ``scales``: the int8 scales lists (None
+    entries where a record has none), reported as their buffer's."""
+    if not grads_only:
+        for which, tensors in zip((2, 3, 4), scales, strict=False):
+            for i, t in enumerate(tensors):
+                if t is not None and not status[i] and (type(t) not in _PLAIN or t.is_neg()):
+                    status[i] = (_ST_SUBCLASS if type(t) not in _PLAIN else _ST_BITS) | (which << 4)
     for which, tensors in enumerate(lists):
         if not tensors or (grads_only and which != 1):
             continue
@@ -175,6 +201,7 @@ def prepare(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     check_now: bool = True,
+    scales: tuple[list, list, list] | None = None,
 ) -> Callable[[], None]:
     """Validate one call's tensors for the kernel and return the step that runs it.
 
@@ -185,11 +212,16 @@ def prepare(
     here, natively too, so that the caller can validate several groups before running any;
     without it the native validation happens inside the returned step, which still writes
     nothing unless every tensor passes (the caller must not have written anything of this step
-    that a failure would leave half-applied).
+    that a failure would leave half-applied). ``scales``: the int8 scales of square_avg /
+    grad_var, grad_avg and momentum_buffer (lists aligned with the parameters, None where a
+    record's state is not int8), with ``rule.state_dtype`` set.
     """
     params, grads, square_avgs, grad_avgs, momentum_buffers, steps = lists
     n = len(params)
-    persisted = (params, square_avgs, grad_avgs, momentum_buffers, steps)
+    scale_lists = tuple(lst for lst in scales) if scales is not None and any(scales) else ()
+    if scale_lists:
+        scale_lists = tuple(lst if lst else [None] * n for lst in scale_lists)
+    persisted = (params, square_avgs, grad_avgs, momentum_buffers, steps, *scale_lists)
     call = _Call(lr, rule, kinds, grad_scale, found_inf)
     grads_written = grad_scale is not None
     entry = cache.lookup(persisted) if cache is not None else None
@@ -203,11 +235,11 @@ def prepare(
         written = [params, square_avgs, grad_avgs, momentum_buffers, steps] + (
             [grads] if grads_written else []
         )
-        _check_inference(written)
+        _check_inference(written + [[t for t in lst if t is not None] for lst in scale_lists])
         has_complex = any(map(torch.is_complex, params))
         fresh = Entry(persisted, has_complex)
         status = bytearray(n)
-        _python_exclusions(lists, status)
+        _python_exclusions(lists, status, scales=scale_lists)
         rc = call.invoke(fresh.columns, grad_column, n, native.MODE_CHECK, fresh.records_address, status)
         if rc not in (native.OK, native.INVALID):
             raise RuntimeError(f"fused RMSprop kernel failed: {native.ERRORS.get(rc, rc)}")
@@ -239,6 +271,11 @@ def prepare(
         if rc == native.OK and len(leftovers) < n:
             kernel_records = None if not leftovers else sorted(set(range(n)) - set(leftovers))
             _bump_versions(lists, kernel_records, grads_written)
+            for lst in scale_lists:
+                chosen = lst if kernel_records is None else [lst[i] for i in kernel_records]
+                written_scales = [t for t in chosen if t is not None]
+                if written_scales:
+                    torch.autograd.graph.increment_version(written_scales)
         if rest is not None:
             rest()
         return True
@@ -272,11 +309,12 @@ def _unreachable() -> None:
 
 # ----------------------------------------------------------------------------- torch.compile
 _LIST_ARGS = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")
+_SCHEMA_TYPES = {"number": "float", "flag": "bool", "state_dtype": "int"}  # state_dtype: its C code
 _SCHEMA = (
     "("
     + ", ".join(f"Tensor({chr(97 + i)}!)[] {name}" for i, name in enumerate(_LIST_ARGS))
     + ", Tensor lr, "
-    + ", ".join(f"{'float' if o.kind == 'number' else 'bool'} {o.name}" for o in RULE_OPTIONS)
+    + ", ".join(f"{_SCHEMA_TYPES[o.kind]} {o.name}" for o in RULE_OPTIONS)
     + ", int kinds, Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 torch.library.define("rmsprop::fused_step", _SCHEMA)
@@ -285,7 +323,7 @@ torch.library.define("rmsprop::fused_step", _SCHEMA)
 @torch.library.impl("rmsprop::fused_step", "CompositeExplicitAutograd")
 def _fused_step_impl(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, *args):
     rule_values, (kinds, grad_scale, found_inf) = args[: len(RULE_OPTIONS)], args[len(RULE_OPTIONS) :]
-    rule = Rule(**{o.name: v for o, v in zip(RULE_OPTIONS, rule_values, strict=True)})
+    rule = Rule(**{o.name: _from_c(o, v) for o, v in zip(RULE_OPTIONS, rule_values, strict=True)})
     lists = (
         list(params),
         list(grads),
@@ -324,7 +362,7 @@ def compiled_step(lists: Lists6, *, lr, rule: Rule, kinds: int, grad_scale, foun
     is still a constant of the graph: dynamo guards on it, as it does for torch's optimizers)."""
     lr_tensor = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     torch.ops.rmsprop.fused_step(
-        *lists, lr_tensor, *(getattr(rule, o.name) for o in RULE_OPTIONS), kinds, grad_scale, found_inf
+        *lists, lr_tensor, *(_to_c(o, getattr(rule, o.name)) for o in RULE_OPTIONS), kinds, grad_scale, found_inf
     )
 
 
