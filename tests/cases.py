@@ -126,6 +126,9 @@ ERROR_CASES: list[tuple[dict, type[Exception], str]] = [
     ({"bias_correction": True, "alpha": 1.0}, ValueError, "bias_correction=True requires alpha < 1"),
     ({"fused": True, "foreach": True}, RuntimeError, "cannot both"),
     ({"fused": True, "differentiable": True}, RuntimeError, "differentiable"),
+    ({"lazy_sparse": 1}, TypeError, "lazy_sparse must be True or False"),
+    ({"lazy_sparse": True, "bias_correction": True}, ValueError, "lazy_sparse=True cannot be combined with bias"),
+    ({"lazy_sparse": True, "differentiable": True}, RuntimeError, "lazy_sparse=True does not support differentiable"),
 ]
 
 # Accepted and normalized: numpy scalars become Python numbers (so checkpoints stay loadable

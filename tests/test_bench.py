@@ -13,7 +13,12 @@ def test_bench_reports_every_implementation_and_the_bound(tmp_path, monkeypatch)
     tiny = runner.Config("tiny fp32", ((1000,), (37,)), options={"momentum": 0.9, "centered": True})
     monkeypatch.setattr(runner, "CONFIGS", {tiny.name: tiny})
     results = runner.run_bench(
-        configs=[tiny.name], compile_torch=False, first_step=False, quick=True, log=lambda s: None
+        configs=[tiny.name],
+        compile_torch=False,
+        first_step=False,
+        sweep=False,
+        quick=True,
+        log=lambda s: None,
     )
     (row,) = results["configs"]
     assert set(row["results"]) == {*runner.IMPLEMENTATIONS, runner.BOUND}
@@ -35,3 +40,40 @@ def test_stream_bound_moves_the_bytes_it_claims():
     stream()
     stream()
     assert torch.equal(p, torch.full_like(p, -2.0)) and torch.equal(v, torch.full_like(v, 2.0))
+
+
+def test_sweeps_report_every_size_thread_count_and_the_training_share(tmp_path, monkeypatch):
+    from rmsprop.bench import sweeps
+
+    monkeypatch.setattr(sweeps, "QUICK_SIZES", (100, 1000))
+    monkeypatch.setattr(runner, "THREAD_SWEEP_CONFIG", runner.Config("tiny", ((500,),) * 3))
+    tiny = runner.Config("tiny fp32", ((1000,),))
+    monkeypatch.setattr(runner, "CONFIGS", {tiny.name: tiny})
+    results = runner.run_bench(
+        configs=[tiny.name], compile_torch=False, first_step=False, quick=True, log=lambda s: None
+    )
+    assert [r["sizes"] for r in results["sizes"]] == [100, 1000]
+    assert [r["threads"] for r in results["threads"]] == sorted(
+        {1, *range(2, (__import__("os").cpu_count() or 1) + 1)}
+    )
+    for row in results["sizes"] + results["threads"]:
+        assert set(row["results"]) == set(sweeps.SWEEP_IMPLEMENTATIONS)
+    share = results["training_share"]
+    for name in sweeps.TRAINING_OPTIMIZERS:
+        assert 0 < share[name]["share"] < 1 and share[name]["step_ms"] > 0
+    md = runner.save(results, tmp_path, plot=True)[1].read_text()
+    assert "| 1,000 |" in md and "step share" in md
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_model_parameter_sets_have_their_published_sizes():
+    import math
+
+    from rmsprop.bench.models import MODELS
+
+    counts = {name: (len(make()), sum(math.prod(s) for s in make())) for name, make in MODELS.items()}
+    assert counts == {
+        "ResNet-50": (161, 25_557_032),  # torchvision's resnet50
+        "GPT-2 small": (148, 124_439_808),  # Hugging Face's gpt2
+        "LSTM LM": (11, 19_780_400),  # Zaremba et al.'s medium model
+    }

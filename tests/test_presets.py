@@ -7,13 +7,22 @@ step, hence rtol 1e-10 rather than exact equality.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
-from peers import keras_rmsprop, optax_rmsprop, tf1_documented, timm_rmsprop
+from peers import (
+    a3c_paper,
+    dqn_transcribed,
+    keras_rmsprop,
+    optax_rmsprop,
+    sb3_rmsprop_tf_like,
+    tf1_documented,
+    timm_rmsprop,
+)
 
 from rmsprop import PRESETS, from_preset
 
@@ -48,6 +57,10 @@ HAND_CHECKED = {
     "optax": 1 - 1e-3 * 0.5 / math.sqrt((1 - 0.9) * 0.25 + 1e-8),
     "timm": 1 - 1e-2 * 0.5 / math.sqrt(1 + (0.25 - 1) * (1 - 0.9) + 1e-10),
     "seed": 1 - 1e-3 * 0.5 / math.sqrt((1 - 0.9) * 0.25 + 1e-8),
+    "sb3": 1 - 1e-2 * 0.5 / math.sqrt(0.99 * 1 + (1 - 0.99) * 0.25 + 1e-8),  # v starts at 1
+    # centered: g = 0.05 * 0.5, g2 = 0.05 * 0.25, 0.01 inside the root
+    "dqn": 1 - 2.5e-4 * 0.5 / math.sqrt(0.05 * 0.25 - (0.05 * 0.5) ** 2 + 0.01),
+    "a3c": 1 - 7e-4 * 0.5 / math.sqrt((1 - 0.99) * 0.25 + 0.1),
 }
 # A few float64 ulps of 1 (the implementations order the same operations differently); the
 # nearest wrong answers are 4e-10 away (eps 1e-7 for 1e-8 inside the root) and 1e-8 away (eps
@@ -68,7 +81,12 @@ def test_hand_checked_numbers_tell_the_flavours_apart():
     assert abs(HAND_CHECKED["keras"] - HAND_CHECKED["optax"]) > 1e5 * HAND_RTOL
     eps_outside = 1 - 1e-3 * 0.5 / (math.sqrt((1 - 0.9) * 0.25) + 1e-8)
     assert abs(eps_outside - HAND_CHECKED["seed"]) > 1e5 * HAND_RTOL
-    assert len(values) == 5  # optax and seed are the same formula; all others differ
+    # DQN's flavour without centering, and SB3's with v0 = 0 (torch's start), are far away
+    dqn_uncentered = 1 - 2.5e-4 * 0.5 / math.sqrt(0.05 * 0.25 + 0.01)
+    assert abs(dqn_uncentered - HAND_CHECKED["dqn"]) > 1e5 * HAND_RTOL
+    sb3_from_zero = 1 - 1e-2 * 0.5 / math.sqrt((1 - 0.99) * 0.25 + 1e-8)
+    assert abs(sb3_from_zero - HAND_CHECKED["sb3"]) > 1e5 * HAND_RTOL
+    assert len(values) == 8  # optax and seed are the same formula; all others differ
 
 
 def test_presets_are_records_with_peers_and_deviations():
@@ -227,6 +245,149 @@ def test_seed_preset_is_the_seed_formula():
         v = 0.9 * v + 0.1 * g * g
         theta = theta - 1e-3 * g / np.sqrt(v + 1e-8)
     np.testing.assert_allclose(ours("seed", start, grads), theta, rtol=RTOL, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------- SB3 RMSpropTFLike
+SB3_GRID = list(itertools.product([0.0, 0.9], [False, True], [0.0, 0.05]))
+
+
+def _run_against_sb3(start, grads, lrs, fused, **kw):
+    cls = sb3_rmsprop_tf_like()
+    p_sb3 = torch.tensor(start, requires_grad=True)
+    opt_sb3 = cls([p_sb3], lr=lrs[0], **kw)
+    p_ours = torch.tensor(start, requires_grad=True)
+    opt_ours = from_preset("sb3", [p_ours], lr=lrs[0], fused=fused, **kw)
+    for t, g in enumerate(grads):
+        for opt, p in ((opt_sb3, p_sb3), (opt_ours, p_ours)):
+            opt.param_groups[0]["lr"] = lrs[t]
+            p.grad = torch.tensor(g)
+            opt.step()
+    return (p_ours, opt_ours), (p_sb3, opt_sb3)
+
+
+@pytest.mark.parametrize("fused", [False, None], ids=["torch-ops", "fused-default"])
+@pytest.mark.parametrize("momentum,centered,weight_decay", SB3_GRID)
+def test_sb3_matches_real_rmsprop_tf_like(momentum, centered, weight_decay, fused):
+    """The real class over 12 steps with a changing lr (which tells lr inside the buffer apart).
+    SB3's ops are this library's per-tensor ops except the centered grad average (mul/add, not
+    lerp) and the clamp: without centered and with fused=False, bit for bit; otherwise RTOL."""
+    start, grads = _start(), _grads()
+    lrs = [0.01 * 0.8**t for t in range(len(grads))]
+    kw = dict(momentum=momentum, centered=centered, weight_decay=weight_decay)
+    (p_ours, opt_ours), (p_sb3, opt_sb3) = _run_against_sb3(start, grads, lrs, fused, **kw)
+    exact = fused is False and not centered
+    for key in ("square_avg", "momentum_buffer", "grad_avg"):
+        assert (key in opt_ours.state[p_ours]) == (key in opt_sb3.state[p_sb3]), key
+    pairs = [(p_ours, p_sb3)] + [
+        (opt_ours.state[p_ours][k], opt_sb3.state[p_sb3][k]) for k in opt_sb3.state[p_sb3] if k != "step"
+    ]
+    for a, b in pairs:
+        if exact:
+            assert torch.equal(a.detach(), b.detach())
+        else:
+            np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=RTOL, atol=ATOL)
+    assert opt_ours.state[p_ours]["step"].item() == opt_sb3.state[p_sb3]["step"] == len(grads)
+
+
+def test_sb3_defaults_match():
+    start, grads = _start(), _grads()
+    p = torch.tensor(start, requires_grad=True)
+    opt = sb3_rmsprop_tf_like()([p])
+    for g in grads:
+        p.grad = torch.tensor(g)
+        opt.step()
+    np.testing.assert_array_equal(ours("sb3", start, grads, fused=False), p.detach().numpy())
+
+
+def test_sb3_is_not_the_tensorflow_flavour():
+    """The issue's finding: TF's lr inside the buffer differs from SB3 once momentum meets a
+    changing lr (by about 1e-2 here), so the sb3 preset must keep lr outside."""
+    start, grads = _start(), _grads()
+    lrs = [0.01 * 0.8**t for t in range(len(grads))]
+    (p_ours, _), (p_sb3, _) = _run_against_sb3(start, grads, lrs, False, momentum=0.9)
+    assert torch.equal(p_ours, p_sb3)
+    cls = sb3_rmsprop_tf_like()
+    p_tf, p_ref = torch.tensor(start, requires_grad=True), torch.tensor(start, requires_grad=True)
+    opt_tf = from_preset("sb3", [p_tf], momentum=0.9, lr_in_momentum=True, fused=False)
+    opt_ref = cls([p_ref], momentum=0.9)
+    for t, g in enumerate(grads):
+        for opt, p in ((opt_tf, p_tf), (opt_ref, p_ref)):
+            opt.param_groups[0]["lr"] = lrs[t]
+            p.grad = torch.tensor(g)
+            opt.step()
+    assert (p_tf - p_ref).abs().max().item() > 1e-3
+
+
+def test_sb3_state_dict_loads_and_training_continues_identically():
+    """RMSpropTFLike's state dict (an int step, the same tensor keys), completed with the
+    preset's switches, loads into the preset and the next steps are SB3's, bit for bit. Loaded as
+    it is, it reads as a torch checkpoint (eps outside the root): the completion is needed."""
+    start, grads = _start(), _grads()
+    cls = sb3_rmsprop_tf_like()
+    p_sb3 = torch.tensor(start, requires_grad=True)
+    opt_sb3 = cls([p_sb3], momentum=0.9)
+    for g in grads[:6]:
+        p_sb3.grad = torch.tensor(g)
+        opt_sb3.step()
+    p_ours, p_plain = (p_sb3.detach().clone().requires_grad_() for _ in range(2))
+    opt_ours = from_preset("sb3", [p_ours], momentum=0.9, fused=False)
+    # deep copies: load_state_dict keeps the loaded tensors themselves (as torch's does)
+    opt_ours.load_state_dict(PRESETS["sb3"].complete_state_dict(copy.deepcopy(opt_sb3.state_dict())))
+    opt_plain = from_preset("sb3", [p_plain], momentum=0.9, fused=False)
+    opt_plain.load_state_dict(copy.deepcopy(opt_sb3.state_dict()))
+    assert opt_plain.param_groups[0]["eps_in_sqrt"] is False
+    for g in grads[6:]:
+        for opt, p in ((opt_sb3, p_sb3), (opt_ours, p_ours), (opt_plain, p_plain)):
+            p.grad = torch.tensor(g)
+            opt.step()
+    assert torch.equal(p_ours, p_sb3)
+    assert not torch.equal(p_plain, p_sb3)
+
+
+# ----------------------------------------------------------------------------- DQN (transcribed)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_dqn_matches_its_transcribed_update(weight_decay):
+    """Nature DQN's centered RMSProp, op by op (tests/peers.py), with a linearly annealed lr as
+    its code allows and its weight cost wc as coupled weight decay."""
+    start, grads = _start(), _grads()
+    lrs = [2.5e-4 - t * 1.5e-5 for t in range(len(grads))]
+    expected = dqn_transcribed(start, grads, lrs, wc=weight_decay)
+    p = torch.tensor(start, requires_grad=True)
+    opt = from_preset("dqn", [p], weight_decay=weight_decay)
+    for t, g in enumerate(grads):
+        opt.param_groups[0]["lr"] = lrs[t]
+        p.grad = torch.tensor(g)
+        opt.step()
+    np.testing.assert_allclose(p.detach().numpy(), expected, rtol=RTOL, atol=ATOL)
+    assert not np.allclose(ours("dqn", start, grads, centered=False), expected, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- A3C
+def test_a3c_matches_the_papers_shared_rmsprop():
+    """The paper's formula (eps inside the root, no momentum), lr annealed linearly as there."""
+    start, grads = _start(), _grads()
+    lrs = [7e-4 * (1 - t / len(grads)) for t in range(len(grads))]
+    p = torch.tensor(start, requires_grad=True)
+    opt = from_preset("a3c", [p])
+    for t, g in enumerate(grads):
+        opt.param_groups[0]["lr"] = lrs[t]
+        p.grad = torch.tensor(g)
+        opt.step()
+    np.testing.assert_allclose(p.detach().numpy(), a3c_paper(start, grads, lrs), rtol=RTOL, atol=ATOL)
+
+
+def test_a3c_with_eps_outside_is_the_common_pytorch_shared_rmsprop():
+    """The widely copied SharedRMSprop runs torch's formula with A3C's hyperparameters: the
+    preset with eps_in_sqrt=False is torch.optim.RMSprop(lr=7e-4, alpha=0.99, eps=0.1) exactly."""
+    start, grads = _start(), _grads()
+    p = torch.tensor(start, requires_grad=True)
+    opt = torch.optim.RMSprop([p], lr=7e-4, alpha=0.99, eps=0.1)
+    for g in grads:
+        p.grad = torch.tensor(g)
+        opt.step()
+    got = ours("a3c", start, grads, eps_in_sqrt=False, fused=False)
+    np.testing.assert_array_equal(got, p.detach().numpy())
+    assert not np.allclose(ours("a3c", start, grads), got, rtol=1e-6)
 
 
 def test_a_peer_difference_really_shows():

@@ -352,6 +352,142 @@ for kw in ({}, {"fused": True}, {"foreach": True}):
     refused(opt.step, RuntimeError, "")
     unchanged(opt, [ok], snap)
 """,
+    # An adversarial review's findings (each reproduced before it was fixed):
+    # R1. the custom op (public through torch.ops) with lists shorter than params: a NULL read.
+    "review-1-op-list-lengths": """
+from rmsprop.options import RULE_OPTIONS
+r = dict(alpha=.99, eps=1e-8, weight_decay=0., momentum=0., centered=False, maximize=False, eps_in_sqrt=False,
+         nesterov=False, decoupled_weight_decay=False, lr_in_momentum=False, bias_correction=False)
+ps = [torch.randn(1000) for _ in range(3)]
+refused(lambda: torch.ops.rmsprop.fused_step(ps, [torch.randn(1000)], [torch.zeros(1000) for _ in ps], [], [],
+        [torch.zeros(()) for _ in ps], torch.tensor(.01), *[r[o.name] for o in RULE_OPTIONS if o.name in r], 63, True,
+        None, None),
+        ValueError, "grads has 1 tensors for 3 parameters")
+""",
+    # R2. a storage shrunk under its tensor: the kernel would write past the storage's end.
+    "review-2-storage-resized": """
+for kw in ({"fused": True}, {}):
+    p = torch.nn.Parameter(torch.ones(4096)); opt = rmsprop.RMSprop([p], lr=.1, **kw)
+    p.grad = torch.ones(4096); opt.step()
+    opt.state[p]["square_avg"].untyped_storage().resize_(64)
+    refused(opt.step, RuntimeError, "past the end of its storage")
+    q = torch.nn.Parameter(torch.ones(4096)); o2 = rmsprop.RMSprop([q], lr=.1, **kw)
+    q.grad = torch.ones(4096); o2.step()
+    q.untyped_storage().resize_(0)   # as FSDP frees a parameter
+    refused(o2.step, RuntimeError, "")
+""",
+    # R3. a negative / conjugate bit set on a parameter after the cache remembered it.
+    "review-3-param-bits-in-a-steady-loop": """
+p = torch.nn.Parameter(torch.ones(8)); opt = rmsprop.RMSprop([p], lr=.1)
+for _ in range(3):
+    p.grad = torch.ones(8); opt.step()
+p.data = p.data._neg_view()
+before = p.detach().clone()
+p.grad = torch.ones(8)
+refused(opt.step, RuntimeError, "negative bit")  # torch's path, where it is routed, refuses it too
+assert torch.equal(p.detach(), before)
+z = torch.nn.Parameter(torch.ones(8, dtype=torch.complex64)); oz = rmsprop.RMSprop([z], lr=.1)
+for _ in range(3):
+    z.grad = torch.ones(8, dtype=torch.complex64); oz.step()
+z.data = z.data.conj(); z.grad = torch.ones(8, dtype=torch.complex64)
+refused(oz.step, RuntimeError, "conjugate")
+""",
+    # R4. the kernel wrote its records, then the torch path for its leftovers raised: now
+    # everything the torch path would trip over is checked before the kernel runs.
+    "review-4-no-half-applied-leftovers": """
+def two():
+    a, b = torch.nn.Parameter(torch.ones(4, 4)), torch.nn.Parameter(torch.ones(4, 4))
+    opt = rmsprop.RMSprop([a, b], lr=.1); a.grad = torch.ones(4, 4); b.grad = torch.ones(4, 4); opt.step()
+    a.grad = torch.ones(4, 4); b.grad = torch.ones(4, 4)
+    return a, b, opt
+for corrupt in (lambda o, b: o.state[b].__setitem__("square_avg", o.state[b]["square_avg"].to_sparse()),
+                lambda o, b: o.state[b].__setitem__("square_avg", o.state[b]["square_avg"]._neg_view()),
+                lambda o, b: o.state[b].__setitem__("step", torch.tensor(3))):
+    a, b, opt = two(); corrupt(opt, b)
+    snap = snapshot(opt, [a])
+    refused(opt.step, RuntimeError, "parameter 1")
+    unchanged(opt, [a], snap)
+p0, p1 = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+opt = rmsprop.RMSprop([{"params": [p0]}, {"params": [p1]}], fused=False)
+p0.grad = torch.ones(3); p1.grad = torch.ones(3)
+opt.param_groups[1]["lr"] = torch.tensor(.1, device="meta")
+refused(opt.step, ValueError, "meta")
+assert torch.equal(p0.detach(), torch.ones(3)) and len(opt.state) == 0
+""",
+    # R5. a falsy per-parameter state in a loaded state dict corrupted the optimizer.
+    "review-5-falsy-state-entries": """
+for bad in (0, None, False, "", [], torch.tensor(0.)):
+    p = torch.nn.Parameter(torch.ones(4)); opt = rmsprop.RMSprop([p], lr=.1); p.grad = torch.ones(4); opt.step()
+    sd = copy.deepcopy(opt.state_dict()); sd["state"][0] = bad
+    refused(lambda: opt.load_state_dict(sd), ValueError, "must be a dict")
+    p.grad = torch.ones(4); opt.step()
+    assert opt.state[p]["step"].item() == 2
+sd = copy.deepcopy(opt.state_dict()); sd["state"][0]["square_avg"] = sd["state"][0]["square_avg"].to_sparse()
+refused(lambda: opt.load_state_dict(sd), ValueError, "dense tensor")
+""",
+    # R6. the steady path unscaled an inference-tensor gradient in place (GradScaler, fused=True).
+    "review-6-inference-grad-written": """
+p = torch.nn.Parameter(torch.ones(8)); opt = rmsprop.RMSprop([p], lr=.1, fused=True)
+opt.grad_scale, opt.found_inf = torch.tensor(4.), torch.tensor(0.)
+p.grad = torch.ones(8); opt.step()
+with torch.inference_mode():
+    g = torch.full((8,), 8.)
+p.grad = g
+refused(opt.step, RuntimeError, "inference tensor")
+assert g[0].item() == 8.0
+""",
+    # R7. under torch.compile the default refused (with a fused=True message) what eager routes.
+    "review-7-compiled-default-routes": """
+p1, q1, q2 = (torch.nn.Parameter(torch.ones(8)) for _ in range(3))
+opt = rmsprop.RMSprop([{"params": [p1]}, {"params": [q1, q2]}], lr=.1)
+p1.grad = torch.ones(8); q1.grad = torch.ones(8); q2.grad = q1.detach()   # aliasing
+torch.compile(opt.step)()
+r1, s1, s2 = (torch.nn.Parameter(torch.ones(8)) for _ in range(3))
+ref = rmsprop.RMSprop([{"params": [r1]}, {"params": [s1, s2]}], lr=.1)
+r1.grad = torch.ones(8); s1.grad = torch.ones(8); s2.grad = s1.detach()
+ref.step()
+for a, b in ((p1, r1), (q1, s1), (q2, s2)):
+    assert torch.allclose(a, b, rtol=1e-6), (a, b)
+""",
+    # R8. options edited directly in param_groups are checked at the step, not coerced.
+    "review-8-edited-groups": """
+for key, value, exc in (("centered", "no", TypeError), ("alpha", "0.5", TypeError), ("fused", "yes", TypeError),
+                        ("lr", torch.tensor(-1.), ValueError), ("lr", torch.tensor(float("nan")), ValueError),
+                        ("nesterov", True, ValueError)):
+    p = torch.nn.Parameter(torch.ones(4)); opt = rmsprop.RMSprop([p], lr=.1)
+    p.grad = torch.ones(4); opt.step()
+    opt.param_groups[0][key] = value
+    p.grad = torch.ones(4)
+    before = p.detach().clone()
+    refused(opt.step, exc, "param group 0")
+    assert torch.equal(p.detach(), before)
+""",
+    # R9. an empty tensor with huge sizes: no signed overflow in the kernel's layout arithmetic
+    # (UBSan under scripts/sanitize.sh).
+    "review-9-huge-empty-sizes": """
+p = torch.nn.Parameter(torch.empty(0).as_strided((0, 2**32, 2**32), (1, 1, 1)))
+p.grad = torch.empty(0).as_strided((0, 2**32, 2**32), (1, 1, 1))
+rmsprop.RMSprop([p], fused=True).step()
+""",
+    # R10. clear messages for non-tensors in the state and absurd numbers in a checkpoint.
+    "review-10-messages": """
+p, opt = trained()
+opt.state[p]["step"] = 3.0
+p.grad = torch.randn(1000)
+refused(opt.step, RuntimeError, "is a float")
+p, opt = trained()
+sd = copy.deepcopy(opt.state_dict()); sd["param_groups"][0]["weight_decay"] = 10**400
+refused(lambda: opt.load_state_dict(sd), ValueError, "loaded param group 0")
+""",
+    # R11. a float64 found_inf below float32's range is still an inf found, on every path.
+    "review-11-found-inf-precision": """
+for kw in ({"fused": True}, {"fused": False}):
+    p, opt = trained(**kw)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1e-50, dtype=torch.float64)
+    before = p.detach().clone(); p.grad = torch.randn(1000)
+    opt.step()
+    assert torch.equal(p.detach(), before), kw
+""",
     # Device-aware default: no CPU tensors, no CPU kernel and no warning about it.
     "device-aware-default": """
 from rmsprop.backends.fused_cpu import native, kernel

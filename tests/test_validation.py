@@ -100,21 +100,6 @@ def test_rule_fields_are_the_tables_rule_options():
     assert type(rule.momentum) is float and rule.centered is True
 
 
-def test_sparse_gradient_raises_before_anything_changes():
-    dense = make_params()
-    sparse_param = torch.zeros(5, 3, requires_grad=True)
-    opt = rmsprop.RMSprop([{"params": dense}, {"params": [sparse_param]}], momentum=0.9)
-    for p in dense:
-        p.grad = torch.ones_like(p)
-    sparse_param.grad = torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 3), (5, 3))
-    before = [p.detach().clone() for p in dense]
-    with pytest.raises(RuntimeError, match="sparse gradients.*nothing was updated"):
-        opt.step()
-    # the first group was not updated even though only the second group is bad
-    assert all(torch.equal(a, b) for a, b in zip(before, dense, strict=True))
-    assert len(opt.state) == 0
-
-
 def test_capturable_on_cpu_is_refused_clearly():
     opt = rmsprop.RMSprop(make_params(), capturable=True)
     for p in opt.param_groups[0]["params"]:

@@ -58,9 +58,13 @@ def prepare_state_dict(
         migrated = validate_group(migrate_group(saved, group), where=f"loaded param group {gi}")
         new_groups.append(migrated)
         for param, pid in zip(group["params"], saved["params"], strict=True):
-            entry = saved_state.get(pid)
-            if entry:
-                where = f"group {gi}, parameter id {pid}"
+            if pid not in saved_state:
+                continue
+            entry = saved_state[pid]
+            where = f"group {gi}, parameter id {pid}"
+            if not isinstance(entry, dict):  # (a falsy 0 or [] too: torch would store it as the state)
+                raise ValueError(f"{where}: the state must be a dict, got {type(entry).__name__}")
+            if entry:  # {}: no state yet, as for a parameter never stepped
                 checked = check_param_state(entry, param, migrated, where)
                 if _torch_casts_it(checked, param, migrated):
                     new_state[pid] = checked
@@ -138,6 +142,11 @@ def _in_format(entry: dict[str, Any], keys: list[str], dtype: torch.dtype, secon
 def _check_buffer(value: Any, key: str, param: Tensor, where: str, scales: Any = None) -> None:
     if not isinstance(value, Tensor):
         raise ValueError(f"{where}: state['{key}'] is a {type(value).__name__}, not a tensor")
+    if value.layout is not torch.strided or value.is_neg() or value.is_conj():
+        raise ValueError(
+            f"{where}: state['{key}'] must be a dense tensor without a conjugate or negative bit "
+            f"(got a {value.layout} tensor{', with such a bit' if value.is_neg() or value.is_conj() else ''})"
+        )
     if value.dtype == torch.uint8:
         _check_codes(value, key, param, where, scales)
         return

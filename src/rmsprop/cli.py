@@ -1,15 +1,91 @@
-"""The `rmsprop` command: thin argparse front-ends to the library's jobs."""
+"""The `rmsprop` command: thin argparse front-ends to the library's jobs.
+
+Manners, for every command wrapped in :func:`_user_facing`: a user error (a bad argument, a
+missing optional dependency, an ``--out`` that cannot be written) prints one line to stderr and
+exits 2 before any work starts; Ctrl-C stops at once with one line and exit 130, and leaves no
+half-written results (files are written whole, at the end, or not at all).
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "UserError"]
+
+EXIT_USAGE = 2  # argparse's exit code for a bad command line
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
+class UserError(Exception):
+    """A mistake in the command line or the environment, reported as one line and exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _user_facing(prog: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[..., int]]:
+    """Run a command handler with the CLI's manners: UserError -> one line, exit 2; Ctrl-C -> one
+    line, exit 130 (anything the handler was writing is its job to write atomically)."""
+
+    def wrap(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(handler)
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return handler(args)
+            except UserError as exc:
+                print(f"{prog}: error: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            except KeyboardInterrupt:
+                print(f"\n{prog}: interrupted; no results were written", file=sys.stderr)
+                return EXIT_INTERRUPTED
+
+        return run
+
+    return wrap
+
+
+def _output_folder(text: str, option: str = "--out") -> Path:
+    """Check, before any work, that ``text`` names a folder this process can create files in.
+
+    It may exist (its files are then replaced) or not (it is created when the results are
+    saved); it must not be a file. Folders created for the check are removed again, so a run
+    stopped later leaves nothing behind.
+    """
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {text} is a file; give a folder (it is created if missing)")
+    created = []
+    try:
+        for folder in reversed([path, *path.parents]):
+            if not folder.exists():
+                folder.mkdir()
+                created.append(folder)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"{option} {text} cannot be written ({reason})") from None
+    finally:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+    return path
+
+
+@_user_facing("rmsprop demo")
 def _demo(args: argparse.Namespace) -> int:
     from .demo import train_seed_example
     from .presets import PRESETS, from_preset
@@ -32,15 +108,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_facing("rmsprop bench")
 def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
-    from .bench.runner import run_bench, save
+    from .backends import fused_cpu
+    from .bench.runner import plotting_unavailable, run_bench, save
 
+    # Everything that can be wrong with the request is found here, before minutes of measuring.
+    out = _output_folder(args.out)
+    if args.plot and (why := plotting_unavailable()):
+        raise UserError(why)
+    if not fused_cpu.is_available():
+        raise UserError(f"the benchmark needs the fused kernel, which is unavailable: {fused_cpu.load_error()}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    start = time.perf_counter()
     results = run_bench(
         quick=args.quick,
         configs=args.configs,
@@ -54,8 +137,10 @@ def _bench(args: argparse.Namespace) -> int:
             f"foreach {f['foreach']['first_step_s']:.3f} s "
             f"(fused costs {f['fused_first_minus_foreach_first_s']:+.3f} s more)"
         )
-    for path in save(results, Path(args.out), plot=args.plot):
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    for path in save(results, out, plot=args.plot):
         print(f"wrote {path}")
+    print(f"{len(results['configs'])} configurations in {results['seconds']} s")
     return 0
 
 
@@ -125,11 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .presets import PRESETS
 
-    parser = argparse.ArgumentParser(prog="rmsprop", description="RMSProp for PyTorch.")
+    parser = _Parser(prog="rmsprop", description="RMSProp for PyTorch.")
     parser.add_argument("--version", action="version", version=f"rmsprop {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="train the seed document's SimpleNet example")
+    demo = sub.add_parser(
+        "demo",
+        help="train the seed document's SimpleNet example (a few seconds)",
+        description="Train SimpleNet, the example of the seed document (RMSProp.md, the write-up "
+        "this project started from), for --epochs full-batch steps and print each loss. "
+        "Takes a few seconds, most of it importing torch.",
+    )
     demo.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -142,7 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.runner import CONFIGS
 
-    bench = sub.add_parser("bench", help="measure step throughput of every implementation side by side")
+    bench = sub.add_parser(
+        "bench",
+        help="measure step throughput of every implementation side by side (minutes)",
+        description="Time one optimizer step of every implementation on the same tensors, interleaved "
+        "round-robin, against a native bandwidth bound; write bench.json and bench.md (and bench.png) "
+        "into --out. Takes minutes: --quick took 3 to 5 minutes on the README's 2-core machine while "
+        "other jobs shared it, and the full run (five configurations, torch.compile) takes longer. "
+        "Each run prints its own time and records it in bench.json.",
+    )
     bench.add_argument(
         "--quick", action="store_true", help="three configurations, fewer repeats, no torch.compile"
     )
@@ -202,14 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while torch is still importing
+        print("\nrmsprop: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return args.run(args)
 
 

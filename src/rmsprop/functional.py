@@ -9,11 +9,15 @@ Choice, per call:
 - ``fused=True``: the fused CPU kernel for every tensor, or a RuntimeError saying which tensor it
   cannot take and why — before anything is written.
 - ``fused=None`` with ``foreach=None`` (the default): the fused kernel for the CPU tensors it
-  takes (float32/64, bfloat16, complex; dense layouts), torch's foreach path for the rest
-  (float16 too: foreach is faster there). A call without CPU tensors never consults the kernel.
+  takes (float32/64, bfloat16, float16 where the CPU has F16C, complex; dense layouts), torch's
+  foreach path for the rest. A call without CPU tensors never consults the kernel.
   If the native library is missing, foreach, with one warning naming the cause.
 - ``fused=False`` or an explicit ``foreach``: the torch-op paths, bit-identical to torch
   (``foreach=True``: multi-tensor; ``False``: per-tensor; ``None``: what torch would pick).
+
+Sparse gradients (``nn.Embedding(sparse=True)``) are turned into dense work before a backend is
+chosen (see :mod:`rmsprop.sparse`): by default their dense equivalent, bit for bit; with
+``lazy_sparse=True`` TensorFlow's lazy rows, stepped by the same backend choice as dense tensors.
 
 Every path validates its inputs before its first write, so a call that raises has changed
 nothing: list lengths and the lists the rule needs, the lr (a number or a one-element tensor,
@@ -29,17 +33,19 @@ import numbers
 import operator
 import warnings
 from collections.abc import Callable
+from itertools import repeat
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach, _get_capturable_supported_devices
 
-from . import lowbit
+from . import lowbit, sparse
 from .backends import fused_cpu
 from .backends.foreach import rmsprop_foreach
 from .backends.fused_cpu import FusedCache
 from .backends.lowbit import rmsprop_lowbit
 from .backends.single import rmsprop_single
+from .options import STATE_DTYPES
 from .rule import Rule
 
 __all__ = ["rmsprop", "prepare", "FusedCache"]
@@ -76,6 +82,10 @@ def _check_arguments(lists: Lists, lr, rule, grad_scale, found_inf) -> float | T
     use it (a one-element tensor squeezed to 0-d)."""
     if not isinstance(rule, Rule):
         raise TypeError(f"rule must be a rmsprop.rule.Rule, got {type(rule).__name__}")
+    if not any(rule.state_dtype is sd or (isinstance(sd, str) and rule.state_dtype == sd) for sd in STATE_DTYPES):
+        raise ValueError(
+            f'rule.state_dtype must be None, torch.float32, torch.bfloat16 or "int8", got {rule.state_dtype!r}'
+        )
     for name, lst in zip(_LIST_NAMES, lists, strict=True):
         if not isinstance(lst, (list, tuple)):
             raise TypeError(f"{name} must be a list of tensors, got {type(lst).__name__}")
@@ -93,6 +103,12 @@ def _check_arguments(lists: Lists, lr, rule, grad_scale, found_inf) -> float | T
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if not lr.is_floating_point() or lr.device.type == "meta":
+            raise ValueError(f"Tensor lr must be a floating-point tensor holding a value, got {lr.dtype} on {lr.device}")
+        if lr.is_cpu and not torch.compiler.is_compiling():  # (reading a device lr would sync it)
+            value = float(lr.detach().reshape(()).item())
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"Invalid learning rate: {value} (a finite number >= 0)")
         lr = lr.squeeze() if lr.dim() != 0 else lr
     elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"Invalid learning rate: {lr!r} (a finite number >= 0 or a 1-element tensor)")
@@ -102,15 +118,25 @@ def _check_arguments(lists: Lists, lr, rule, grad_scale, found_inf) -> float | T
     return lr
 
 
-def _check_torch_tensors(lists: Lists, capturable: bool, state: bool = True) -> None:
+def _check_torch_tensors(
+    lists: Lists, capturable: bool, positions: list[int] | None = None, state: bool = True
+) -> None:
     """What torch's op paths would trip over half-way through a step, checked before it starts:
-    each gradient and (``state``) state tensor must match its parameter's sizes, dtype and
-    device; gradients must be dense; step counters must be tensors; and nothing written may be
-    an inference tensor outside inference mode. (Low-bit state is checked by
-    :func:`_lowbit_formats`.)"""
+    every entry a tensor; gradients dense; each gradient and (``state``) state tensor with its
+    parameter's sizes, dtype and device; parameters and state strided and without a conjugate or
+    negative bit (torch's paths write through such views only partly); step counters one-element
+    float32/float64 tensors; nothing written an inference tensor outside inference mode. (The
+    sizes, dtypes and devices of low-bit state are checked by :func:`_lowbit_formats`.)"""
     params, grads = lists[0], lists[1]
     if not params:
         return
+
+    def at(i: int) -> int:  # the parameter's position in the caller's lists, for messages
+        return positions[i] if positions is not None else i
+    for name, lst in zip(_LIST_NAMES, lists, strict=True):
+        if lst and not all(map(isinstance, lst, [Tensor] * len(lst))):
+            i = next(i for i, t in enumerate(lst) if not isinstance(t, Tensor))
+            raise RuntimeError(f"parameter {at(i)}: its {name[:-1]} is a {type(lst[i]).__name__}; nothing was updated")
     if capturable:
         supported = _get_capturable_supported_devices()
         bad = next((p.device for p in params if p.device.type not in supported), None)
@@ -123,7 +149,7 @@ def _check_torch_tensors(lists: Lists, capturable: bool, state: bool = True) -> 
         i = next(i for i, g in enumerate(grads) if g.layout is not torch.strided)
         raise RuntimeError(
             "RMSprop does not support sparse gradients "
-            f"(parameter {i} of shape {tuple(params[i].shape)} has a {grads[i].layout} .grad); nothing was updated"
+            f"(parameter {at(i)} of shape {tuple(params[i].shape)} has a {grads[i].layout} .grad); nothing was updated"
         )
     shapes, dtypes, devices = list(map(_SHAPE, params)), list(map(_DTYPE, params)), list(map(_DEVICE, params))
     for name, lst in zip(_LIST_NAMES[1:5], lists[1:5] if state else lists[1:2], strict=False):
@@ -138,14 +164,25 @@ def _check_torch_tensors(lists: Lists, capturable: bool, state: bool = True) -> 
                 i = next(i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b)
                 item = "gradient" if name == "grads" else f"state tensor {name[:-1]}"
                 raise RuntimeError(
-                    f"parameter {i}: its {item} has {what} {_show(mine[i])}, the parameter {_show(theirs[i])}; "
+                    f"parameter {at(i)}: its {item} has {what} {_show(mine[i])}, the parameter {_show(theirs[i])}; "
                     "nothing was updated"
                 )
+    for name, lst in ((n, lst) for n, lst in zip(_LIST_NAMES, lists, strict=True) if n != "grads" and lst):
+        if not all(map(operator.is_, map(_LAYOUT, lst), [torch.strided] * len(lst))):
+            i = next(i for i, t in enumerate(lst) if t.layout is not torch.strided)
+            raise RuntimeError(f"parameter {at(i)}: its {name[:-1]} is a {lst[i].layout} tensor; nothing was updated")
+        if any(map(Tensor.is_neg, lst)) or any(map(Tensor.is_conj, lst)):
+            i = next(i for i, t in enumerate(lst) if t.is_neg() or t.is_conj())
+            raise RuntimeError(
+                f"parameter {at(i)}: its {name[:-1]} has its conjugate or negative bit set; resolve it first "
+                "(t.data = t.data.resolve_conj().resolve_neg()); nothing was updated"
+            )
     steps = lists[5]
-    if not all(isinstance(s, Tensor) and s.numel() == 1 for s in steps):
-        i = next(i for i, s in enumerate(steps) if not (isinstance(s, Tensor) and s.numel() == 1))
+    if not all(s.numel() == 1 and s.dtype in (torch.float32, torch.float64) for s in steps):
+        i = next(i for i, s in enumerate(steps) if not (s.numel() == 1 and s.dtype in (torch.float32, torch.float64)))
         raise RuntimeError(
-            f"parameter {i}: its step counter must be a one-element tensor; nothing was updated"
+            f"parameter {at(i)}: its step counter must be a one-element float32/float64 tensor, got "
+            f"{steps[i].dtype} {tuple(steps[i].shape)}; nothing was updated"
         )
     if not torch.is_inference_mode_enabled():
         for lst in (params, *lists[2:]):
@@ -167,13 +204,14 @@ def _torch_op_backend(params: list[Tensor], foreach: bool | None, differentiable
 
 
 def _torch_step(
-    lists: Lists, backend: Backend, grad_scale, found_inf, checked: bool = False, **kwargs
+    lists: Lists, backend: Backend, grad_scale, found_inf, positions: list[int] | None = None, checked: bool = False,
+    **kwargs,
 ) -> Callable[[], None]:
     """A torch-op backend with GradScaler's contract: skip on inf, else unscale the grads in place
     by the float32 reciprocal of the scale, exactly as GradScaler.unscale_ does. ``checked``:
     the caller has validated the tensors."""
     if not torch.compiler.is_compiling() and not checked:
-        _check_torch_tensors(lists, kwargs["capturable"])
+        _check_torch_tensors(lists, kwargs["capturable"], positions)
     if backend is rmsprop_foreach and kwargs["differentiable"]:
         raise ValueError("foreach=True does not support differentiable=True; use foreach=False")
 
@@ -200,7 +238,7 @@ def _local_shards(lists: Lists) -> Lists:
     shards, when all of them share one mesh and placement: elementwise math on matching shards
     is the math on the whole. Others are left as they are (and go to foreach)."""
     params = lists[0]
-    if all(type(p) in _PLAIN for p in params):
+    if set(map(type, params)) <= _PLAIN:  # eager only (the compiled path never comes here)
         return lists
     from torch.distributed.tensor import DTensor
 
@@ -243,6 +281,7 @@ def prepare(
     found_inf: Tensor | None = None,
     cache: FusedCache | None = None,
     check_now: bool = True,
+    lazy_sparse: bool = False,
     scales: Scales | None = None,
 ) -> Callable[[], None]:
     """Validate one RMSProp step over these lists and return the function that applies it.
@@ -256,10 +295,29 @@ def prepare(
     if torch.compiler.is_compiling():
         if rule.state_dtype is not None:
             return _compiled_lowbit(lists, scales, lr, rule, capturable, grad_scale, found_inf)
-        return _compiled(lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf)
+        return _compiled(
+            lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf, lazy_sparse
+        )
     lr = _check_arguments(lists, lr, rule, grad_scale, found_inf)
     if not params:
         return _nothing
+    if lazy_sparse and (rule.state_dtype is not None or scales is not None):
+        raise ValueError(
+            "lazy_sparse=True does not support a state_dtype (lazy rows update the state row by row; "
+            "low-bit blocks are cut across rows); nothing was updated"
+        )
+    if not all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided))):
+        # sparse gradients become dense work here, before any backend is chosen
+        chosen = [i for i, g in enumerate(grads) if g.layout is not torch.strided]
+        sparse.check_sparse_grads(params, grads, chosen)
+        if lazy_sparse:
+            return _lazy_rows(
+                lists, chosen, lr=lr, rule=rule, foreach=foreach, fused=fused, differentiable=differentiable,
+                capturable=capturable, grad_scale=grad_scale, found_inf=found_inf, cache=cache,
+                check_now=check_now,
+            )  # fmt: skip
+        grads = sparse.densify(grads, chosen)
+        lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
     if rule.state_dtype is not None or scales is not None:
         return _prepare_lowbit(lists, scales, lr, rule, foreach, fused, differentiable, capturable,
                                grad_scale, found_inf, cache, check_now)  # fmt: skip
@@ -272,10 +330,10 @@ def prepare(
             "fused=True does not support " + ("differentiable=True" if differentiable else "capturable=True")
         )
 
-    def torch_path(chosen: Lists, backend: Backend | None = None) -> Callable[[], None]:
+    def torch_path(chosen: Lists, backend: Backend | None = None, positions=None) -> Callable[[], None]:
         chosen_complex = any(torch.is_complex(p) for p in chosen[0])  # has_complex is only a hint
         backend = backend or rmsprop_foreach  # foreach for CPU leftovers too: faster than a loop
-        return _torch_step(chosen, backend, grad_scale, found_inf, has_complex=chosen_complex, **kwargs)
+        return _torch_step(chosen, backend, grad_scale, found_inf, positions, has_complex=chosen_complex, **kwargs)
 
     if wants_fused:
         on_cpu = params[0].is_cpu or any(p.is_cpu for p in params)
@@ -291,7 +349,7 @@ def prepare(
                 )
             _warn_unavailable_once()
         else:
-            kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.DEFAULT_KINDS
+            kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.default_kinds()
             local = _local_shards(lists)
             return fused_cpu.prepare(
                 local,
@@ -300,7 +358,7 @@ def prepare(
                 kinds=kinds,
                 required=bool(fused),
                 cache=cache,
-                torch_path=lambda indices: torch_path(_subset(lists, indices)),
+                torch_path=lambda indices: torch_path(_subset(lists, indices), positions=indices),
                 grad_scale=grad_scale,
                 found_inf=found_inf,
                 check_now=check_now,
@@ -309,17 +367,70 @@ def prepare(
     return torch_path(lists, _torch_op_backend(params, foreach, differentiable))
 
 
-def _compiled(lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf):
+def _lazy_rows(lists: Lists, chosen: list[int], *, cache, check_now, **kwargs) -> Callable[[], None]:
+    """The step of a call whose gradients ``chosen`` are sparse, with lazy rows: the dense
+    records as usual, and for each sparse one the rows it touches, gathered into dense
+    temporaries, stepped by the same backend choice (one call for all of them), then written
+    back. Everything is validated before the returned step writes anything."""
+    params = lists[0]
+    if kwargs["differentiable"]:  # the option table refuses it for the optimizer; this is the functional API
+        raise RuntimeError("lazy_sparse=True does not support differentiable=True; nothing was updated")
+    # The state must match its parameter before rows are gathered from it (gathering from a
+    # tensor of another shape would fail with an indexing error, or read the wrong rows): the
+    # torch-path checks, with the parameters standing in for the gradients they already passed.
+    _check_torch_tensors((params, params, *lists[2:]), kwargs["capturable"])
+    used = [k for k in (2, 3, 4) if lists[k]]  # square_avgs, and grad_avgs / momentum_buffers if in use
+    row_lists: Lists = ([], [], [], [], [], [])
+    lazy = []
+    for i in chosen:
+        values, rows = sparse.gather_rows(lists[1][i], params[i], [lists[k][i] for k in used])
+        lazy.append(rows)
+        row_lists[0].append(rows.rows[0])
+        row_lists[1].append(values)
+        for k, row in zip(used, rows.rows[1:], strict=True):
+            row_lists[k].append(row)
+        row_lists[5].append(lists[5][i])
+    skip = set(chosen)
+    rest = [i for i in range(len(params)) if i not in skip]
+    # The temporaries are new every step: nothing about them is worth caching.
+    row_step = prepare(*row_lists, cache=None, check_now=True, **kwargs)
+    dense_step = prepare(*_subset(lists, rest), cache=cache, check_now=check_now, **kwargs) if rest else None
+
+    def run() -> None:
+        if dense_step is not None:
+            dense_step()
+        row_step()
+        for rows in lazy:
+            rows.write_back()
+
+    return run
+
+
+def _eager_sparse_step(lists, lr, rule, foreach, fused, differentiable, lazy_sparse) -> None:
+    prepare(
+        *lists, lr=lr, rule=rule, foreach=foreach, fused=fused, differentiable=differentiable,
+        lazy_sparse=lazy_sparse, check_now=False,
+    )()  # fmt: skip
+
+
+def _compiled(
+    lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf, lazy_sparse=False
+):
     """Under torch.compile: plain, traceable code. The kernel's share is decided from what dynamo
     guards on (device, dtype, contiguity) and goes through the custom op, whose implementation
     validates everything again at run time; the rest takes torch's op paths."""
     params = lists[0]
+    if not all(g.layout is torch.strided for g in lists[1]):
+        # dynamo does not trace sparse tensors: such a step runs eagerly, outside the graph
+        # (disabled here, not at import: the decorator would import dynamo with this module)
+        eager = torch.compiler.disable(_eager_sparse_step)
+        return lambda: eager(lists, lr, rule, foreach, fused, differentiable, lazy_sparse)
     kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
     # dynamo traces every optimizer with capturable=True (its note "torch.compile x capturable"),
     # which means nothing to a CPU kernel: only the user's own choices decide here
     wants_fused = fused is True or (fused is None and foreach is None and not differentiable)
     chosen, rest = [], list(range(len(params)))
-    kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.DEFAULT_KINDS
+    kinds = fused_cpu.ALL_KINDS if fused else fused_cpu.default_kinds()
     if wants_fused and fused_cpu.is_available():
         per_param = [lst for lst in lists[1:5] if lst]
         chosen, rest = [], []
@@ -336,8 +447,9 @@ def _compiled(lists, lr, rule, foreach, fused, differentiable, capturable, grad_
         if chosen:
             kernel_lists = lists if not rest else _subset(lists, chosen)
             fused_cpu.compiled_step(
-                kernel_lists, lr=lr, rule=rule, kinds=kinds, grad_scale=grad_scale, found_inf=found_inf
-            )
+                kernel_lists, lr=lr, rule=rule, kinds=kinds, required=fused is True, grad_scale=grad_scale,
+                found_inf=found_inf,
+            )  # fmt: skip
         if rest:
             if found_inf is not None or grad_scale is not None:
                 _torch_step(rest_lists, backend, grad_scale, found_inf, has_complex=has_complex, **kwargs)()
@@ -360,9 +472,10 @@ def _check_scales(scales, n: int, rule: Rule) -> Scales:
     return tuple(out)  # type: ignore[return-value]
 
 
-def _lowbit_formats(lists: Lists, scales: Scales, rule: Rule) -> list[str]:
+def _lowbit_formats(lists: Lists, scales: Scales, rule: Rule, positions: list[int] | None = None) -> list[str]:
     """Each record's state format (see :mod:`rmsprop.lowbit`), checked against the rule's
-    ``state_dtype`` before anything is written: RuntimeError naming the record otherwise."""
+    ``state_dtype`` before anything is written: RuntimeError naming the record otherwise
+    (``positions``: the records' indices in the caller's lists, for the message)."""
     params = lists[0]
     buffers = [(lists[2], scales[0], "square_avg")]
     if rule.centered:
@@ -374,7 +487,10 @@ def _lowbit_formats(lists: Lists, scales: Scales, rule: Rule) -> list[str]:
         try:
             fmt = lowbit.check_record(p, [(t[i], s[i] if s else None, key) for t, s, key in buffers], rule)
         except ValueError as exc:
-            raise RuntimeError(f"parameter {i} (shape {tuple(p.shape)}, {p.dtype}): {exc}; nothing was updated") from None
+            at = positions[i] if positions is not None else i
+            raise RuntimeError(
+                f"parameter {at} (shape {tuple(p.shape)}, {p.dtype}): {exc}; nothing was updated"
+            ) from None
         formats.append(fmt)
     return formats
 
@@ -389,10 +505,15 @@ def _local_scales(lists: Lists, local: Lists, scales: Scales) -> Scales:
     )  # type: ignore[return-value]
 
 
+def _subset_scales(scales: Scales, indices: list[int]) -> Scales:
+    return tuple([lst[i] for i in indices] if lst else [] for lst in scales)  # type: ignore[return-value]
+
+
 def _prepare_lowbit(lists, scales, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf,
                     cache, check_now) -> Callable[[], None]:  # fmt: skip
     """A step with a ``state_dtype``: records in the parameter's dtype ("same") take torch's
-    paths as without one; the others the low-bit torch-op backend or the fused kernel."""
+    paths as without one; the others the low-bit torch-op backend or the fused kernel. Every
+    record is validated before the returned step writes anything."""
     if differentiable:
         raise ValueError("differentiable=True does not support a state_dtype (rounding the state is not differentiable)")
     if fused is True and capturable:
@@ -411,7 +532,7 @@ def _prepare_lowbit(lists, scales, lr, rule, foreach, fused, differentiable, cap
     def torch_path(indices: list[int]) -> Callable[[], None]:
         # the kernel validates its own records; these are checked here, before anything runs
         sub = _subset(local, indices)
-        sub_formats = _lowbit_formats(sub, tuple([lst[i] for i in indices] if lst else [] for lst in local_scales), rule)
+        sub_formats = _lowbit_formats(sub, _subset_scales(local_scales, indices), rule, indices)
         formats = dict(zip(indices, sub_formats, strict=True))
         same = [i for i in indices if formats[i] == "same"]
         low = [i for i in indices if formats[i] != "same"]
@@ -420,18 +541,25 @@ def _prepare_lowbit(lists, scales, lr, rule, foreach, fused, differentiable, cap
             chosen = _subset(lists, same)
             backend = rmsprop_foreach if foreach is None else _torch_op_backend(chosen[0], foreach, False)
             complex_ = any(torch.is_complex(p) for p in chosen[0])
-            runs.append(_torch_step(chosen, backend, grad_scale, found_inf, has_complex=complex_, **kwargs))
+            runs.append(_torch_step(chosen, backend, grad_scale, found_inf, same, has_complex=complex_, **kwargs))
         if low:
             chosen = _subset(local, low)
-            _check_torch_tensors(chosen, capturable, state=False)
+            _check_torch_tensors(chosen, capturable, low, state=False)
             backend = functools.partial(
                 rmsprop_lowbit,
                 formats=[formats[i] for i in low],
-                scales=tuple([lst[i] for i in low] if lst else [] for lst in local_scales),
+                scales=_subset_scales(local_scales, low),
                 positions=low,
             )
-            runs.append(_torch_step(chosen, backend, grad_scale, found_inf, checked=True, **kwargs))
-        return runs[0] if len(runs) == 1 else lambda: [run() for run in runs] and None
+            runs.append(_torch_step(chosen, backend, grad_scale, found_inf, low, checked=True, **kwargs))
+        if len(runs) == 1:
+            return runs[0]
+
+        def both() -> None:
+            for run in runs:
+                run()
+
+        return both
 
     wants_fused = fused is True or (fused is None and foreach is None and not capturable)
     on_cpu = params[0].is_cpu or any(p.is_cpu for p in params)
@@ -440,7 +568,7 @@ def _prepare_lowbit(lists, scales, lr, rule, foreach, fused, differentiable, cap
             local,
             lr=float(lr),
             rule=rule,
-            kinds=fused_cpu.ALL_KINDS if fused else fused_cpu.DEFAULT_KINDS,
+            kinds=fused_cpu.ALL_KINDS if fused else fused_cpu.default_kinds(),
             required=bool(fused),
             cache=cache,
             torch_path=torch_path,
@@ -458,10 +586,21 @@ def _prepare_lowbit(lists, scales, lr, rule, foreach, fused, differentiable, cap
     return torch_path(list(range(len(params))))
 
 
+def _eager_lowbit_step(lists, scales, lr, rule, capturable, grad_scale, found_inf) -> None:
+    prepare(
+        *lists, lr=lr, rule=rule, capturable=capturable, grad_scale=grad_scale, found_inf=found_inf,
+        scales=scales, check_now=False,
+    )()  # fmt: skip
+
+
 def _compiled_lowbit(lists, scales, lr, rule, capturable, grad_scale, found_inf):
     """Under torch.compile with a state_dtype: the low-bit torch-op path, traced (its per-step
     scalars are tensors there, so nothing syncs or breaks the graph); records in the
     parameter's dtype take foreach."""
+    if not all(g.layout is torch.strided for g in lists[1]):
+        # dynamo does not trace sparse tensors: such a step runs eagerly, outside the graph
+        eager = torch.compiler.disable(_eager_lowbit_step)
+        return lambda: eager(lists, scales, lr, rule, capturable, grad_scale, found_inf)
     scales = _check_scales(scales, len(lists[0]), rule)
     formats = _lowbit_formats(lists, scales, rule)
     kwargs = {"lr": lr, "rule": rule, "differentiable": False, "capturable": capturable}
@@ -483,6 +622,18 @@ def _compiled_lowbit(lists, scales, lr, rule, capturable, grad_scale, found_inf)
     return run
 
 
+def leftover_step(lists: Lists, indices: list[int], *, lr, rule: Rule, grad_scale, found_inf) -> Callable[[], None]:
+    """The step, on torch's foreach path, of the records the fused kernel declined (used by the
+    custom op's eager body); validated like any torch-path step before it returns."""
+    chosen = _subset(lists, indices)
+    lr = _check_arguments(chosen, lr, rule, grad_scale, found_inf)
+    return _torch_step(
+        chosen, rmsprop_foreach, grad_scale, found_inf, indices, lr=lr, rule=rule, differentiable=False,
+        capturable=False,
+        has_complex=any(torch.is_complex(p) for p in chosen[0]),
+    )  # fmt: skip
+
+
 def rmsprop(
     params: list[Tensor],
     grads: list[Tensor],
@@ -501,6 +652,7 @@ def rmsprop(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     cache: FusedCache | None = None,
+    lazy_sparse: bool = False,
     scales: Scales | None = None,
 ) -> None:
     r"""Apply one RMSProp step (see :class:`rmsprop.rule.Rule` for the formula) in place.
@@ -510,8 +662,9 @@ def rmsprop(
     ``grad_scale`` / ``found_inf`` follow torch.amp.GradScaler's contract for optimizers with
     ``_step_supports_amp_scaling``: grads are divided by the scale, and nothing happens (steps
     included) when ``found_inf`` is nonzero. ``cache``: a :class:`FusedCache` kept by the caller
-    across steps (the fused kernel then revalidates cheaply instead of from scratch). Raises
-    before writing anything when an input is invalid (see the module docstring).
+    across steps (the fused kernel then revalidates cheaply instead of from scratch).
+    ``lazy_sparse``: what a sparse gradient does (see :mod:`rmsprop.sparse`). Raises before
+    writing anything when an input is invalid (see the module docstring).
 
     With ``rule.state_dtype`` set, the state tensors are in that format (see
     :mod:`rmsprop.lowbit`): for ``"int8"`` the buffer lists hold the uint8 codes and ``scales``
@@ -522,5 +675,5 @@ def rmsprop(
         params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
         lr=lr, rule=rule, foreach=foreach, fused=fused, differentiable=differentiable, capturable=capturable,
         has_complex=has_complex, grad_scale=grad_scale, found_inf=found_inf, cache=cache, check_now=False,
-        scales=scales,
+        lazy_sparse=lazy_sparse, scales=scales,
     )()  # fmt: skip

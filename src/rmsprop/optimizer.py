@@ -104,10 +104,23 @@ class RMSprop(Optimizer):
             loaded (both ways).
         int8_min_numel: with ``state_dtype="int8"``, tensors of fewer elements keep float32
             state (float64 for float64 parameters). Default 4096.
+        lazy_sparse: what a sparse gradient (``nn.Embedding(sparse=True)``) does. ``False``
+            (default): exactly what its dense equivalent ``grad.to_dense()`` does, on every
+            backend, bit for bit. ``True``: TensorFlow's lazy rows (``SparseApplyRMSProp``):
+            duplicate indices are summed, then only the rows present are updated — parameter,
+            :math:`v`, :math:`m` and momentum buffer, each row by the update above with its own
+            gradient row; rows absent from the gradient keep parameter and state exactly (they
+            neither decay nor coast on momentum). Weight decay, coupled or decoupled, acts on the
+            rows present only. Refused with ``bias_correction`` (a row's average holds only the
+            steps that touched it, so :math:`1-\alpha^t` has no meaning there) and
+            ``differentiable``. Dense gradients are unaffected.
 
     Every option is declared once, in :data:`rmsprop.options.OPTIONS`, and checked where it
     enters (here, ``add_param_group``, ``load_state_dict``) for type and value: numpy scalars
     work; strings, and tensors where a number is needed, raise at once.
+
+    For Hogwild / A3C training with ``torch.multiprocessing``, :meth:`share_memory` puts the
+    state in shared memory so that every worker steps the same statistics.
     """
 
     def __init__(
@@ -133,6 +146,7 @@ class RMSprop(Optimizer):
         bias_correction: bool = D["bias_correction"],
         state_dtype: torch.dtype | str | None = D["state_dtype"],
         int8_min_numel: int = D["int8_min_numel"],
+        lazy_sparse: bool = D["lazy_sparse"],
     ) -> None:
         arguments = locals()
         defaults = validate_group({o.name: arguments[o.name] for o in OPTIONS})
@@ -188,6 +202,35 @@ class RMSprop(Optimizer):
         for param, entry in held_back.items():
             self.state[param] = entry
         self._fused_cache.clear()
+
+    def share_memory(self) -> RMSprop:
+        """Create every parameter's state now and move it to shared memory; returns ``self``.
+
+        As :meth:`torch.nn.Module.share_memory` does for a model: after ``model.share_memory()``
+        and ``optimizer.share_memory()``, processes started with ``torch.multiprocessing`` that
+        receive the optimizer step one set of parameters *and* one set of statistics (square
+        average, grad average, momentum buffer, step counter) — the shared RMSProp of A3C
+        (Mnih et al., 2016) and Hogwild. The state is what a first step would create (zeros, or
+        ``initial_square_avg``; nothing is stepped) and keeps the keys and layout of any other
+        state, so the fused kernel and every backend step it in place. Without a lock the
+        workers' updates race, as in Hogwild: an element updated by two workers at once keeps
+        one of the two writes (the step counter included).
+
+        Call it after :meth:`load_state_dict` (loading replaces the state tensors) and before
+        starting the workers; a state tensor that is already shared stays where it is. (Tensors
+        handed to a spawned process are moved to shared memory by torch anyway; what is missing
+        without this call is state that exists before the workers start: each would create its
+        own, and the statistics would not be shared.)
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self._new_state(group, p, self.state.get(p, _NO_STATE))
+                for value in state.values():
+                    if isinstance(value, Tensor):
+                        value.share_memory_()
+                self.state[p] = state
+        self._fused_cache.clear()  # the state tensors' storage moved
+        return self
 
     # ------------------------------------------------------------------ the step
 
@@ -338,7 +381,12 @@ class RMSprop(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         created: dict[Tensor, dict[str, Any]] = {}
-        work = [(group, self._gather(group, created)) for group in self.param_groups]
+        # options edited in param_groups since they entered are checked again, before anything
+        # (eagerly: under compile the group's values are graph constants, guarded by dynamo)
+        groups = self.param_groups
+        if not torch.compiler.is_compiling():
+            groups = [validate_group(g, where=f"param group {i}") for i, g in enumerate(groups)]
+        work = [(group, self._gather(group, created)) for group in groups]
         work = [(group, lists) for group, lists in work if lists[0]]
         # One group validates inside its own call (nothing of the step is written before);
         # several are all validated first, so that a bad one leaves every group unchanged.
@@ -357,6 +405,7 @@ class RMSprop(Optimizer):
                 found_inf=found_inf,
                 cache=self._fused_cache,
                 check_now=not single,
+                lazy_sparse=group["lazy_sparse"],
             )
             for group, lists in work
         ]

@@ -95,6 +95,10 @@ class Option:
                 raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(value.shape)}")
             if not value.is_floating_point():
                 raise TypeError(f"Tensor lr must be a floating-point tensor, got {value.dtype}")
+            if value.device.type == "meta":
+                raise ValueError("Tensor lr must hold a value (it is on the meta device)")
+            if value.device.type != "cpu":
+                return value  # reading it would synchronise the device (capturable training)
             number = float(value.detach().reshape(()).item())
         else:
             number = _number(self.name, value)
@@ -142,7 +146,10 @@ def _number(name: str, value: Any) -> float:
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a number, not a tensor (only lr may be a tensor)")
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"Invalid {name} value: {value} ({name} must be a finite number)") from None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -183,6 +190,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("int8_min_numel", 4096, "count",
            "with state_dtype=\"int8\", tensors of fewer elements keep float32 state (float64 for float64)",
            missing=KEEP, own_on_load=True),
+    # Read before dispatch (functional.prepare), not by the dense update: not part of the Rule.
+    Option("lazy_sparse", False, "flag", "a sparse gradient updates only its rows (TF's SparseApplyRMSProp)",
+           missing=False),
 )  # fmt: skip
 
 BY_NAME: Mapping[str, Option] = MappingProxyType({o.name: o for o in OPTIONS})
@@ -211,6 +221,16 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                "fused=True does not support differentiable=True", RuntimeError),
     Constraint(lambda g: g["state_dtype"] is None or not g["differentiable"],
                "differentiable=True does not support a state_dtype (rounding the state is not differentiable)"),
+    Constraint(lambda g: g["state_dtype"] is None or not g["lazy_sparse"],
+               "lazy_sparse=True does not support a state_dtype (lazy rows update the state row by row; "
+               "low-bit blocks are cut across rows)"),
+    # Lazy rows: a row's average holds only the steps that touched it, so the per-step factor
+    # 1 - alpha^t (t the parameter's step) would correct it for steps it never saw.
+    Constraint(lambda g: not (g["lazy_sparse"] and g["bias_correction"]),
+               "lazy_sparse=True cannot be combined with bias_correction=True: a row updated only on the "
+               "steps that look it up has no meaningful 1 - alpha^t correction"),
+    Constraint(lambda g: not (g["lazy_sparse"] and g["differentiable"]),
+               "lazy_sparse=True does not support differentiable=True", RuntimeError),
 )  # fmt: skip
 
 

@@ -34,6 +34,17 @@ class Preset:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
         object.__setattr__(self, "peer_names", MappingProxyType(dict(self.peer_names)))
 
+    def complete_state_dict(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of the peer's optimizer state dict whose param groups get this preset's options
+        where they lack the key, for :meth:`RMSprop.load_state_dict`.
+
+        A peer's checkpoint (SB3's RMSpropTFLike, timm's RMSpropTF) has torch's keys only, and
+        ``load_state_dict`` completes a group without ``eps_in_sqrt`` or ``initial_square_avg``
+        with torch's values — right for a torch checkpoint, the wrong algorithm for the peer's.
+        Values the checkpoint has (its lr, alpha, eps, ...) are kept."""
+        groups = [{**self.options, **group} for group in state_dict["param_groups"]]
+        return {**state_dict, "param_groups": groups}
+
 
 _TF_EMA_ROUNDING = (
     "{peer} updates the average as v + (1 - rho) * (g^2 - v); this library as "
@@ -153,6 +164,86 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                     "timm's caution=True and corrected_weight_decay=True are not supported.",
                     "timm has no Nesterov option; nesterov=True is this library's extension.",
                     _CLAMP.format(peer="timm"),
+                ),
+            ),
+            Preset(
+                name="sb3",
+                peer="stable_baselines3.common.sb2_compat.rmsprop_tf_like.RMSpropTFLike (Stable-Baselines3)",
+                options={
+                    "lr": 1e-2,
+                    "alpha": 0.99,
+                    "eps": 1e-8,
+                    "eps_in_sqrt": True,
+                    "initial_square_avg": 1.0,
+                },
+                peer_names={
+                    "lr": "lr", "alpha": "alpha", "eps": "eps", "weight_decay": "weight_decay",
+                    "momentum": "momentum", "centered": "centered",
+                },  # fmt: skip
+                deviations=(
+                    "None without centered: SB3's ops exactly (eps inside the root, square average "
+                    "starting at 1, lr outside the momentum buffer, coupled weight decay), so with "
+                    "fused=False the parameters are bit-identical to RMSpropTFLike's; the fused "
+                    "default rounds once per value. Unlike the tensorflow preset, lr stays outside the "
+                    "buffer: the two differ once momentum meets a changing lr.",
+                    "Centered: SB3 updates the grad average as m * alpha + (1 - alpha) * g, this "
+                    "library as torch does (a lerp): equal in exact arithmetic, different in the last "
+                    "bits. " + _CLAMP.format(peer="SB3"),
+                    "SB3 keeps the step counter as a Python int, this library as a tensor (as torch); "
+                    "every other state key is the same. RMSpropTFLike's state dicts load here through "
+                    "PRESETS['sb3'].complete_state_dict(sd): loaded as they are, their groups lack "
+                    "eps_in_sqrt and read as torch's algorithm.",
+                    "The RL Zoo's A2C configurations pass eps=1e-5 (optimizer_kwargs=dict(eps=1e-5)); "
+                    "the preset keeps the class's own default, eps=1e-8. SB3's A2C without "
+                    "optimizer_class uses torch.optim.RMSprop(alpha=0.99, eps=1e-5): the torch preset.",
+                    "SB3's docstring says eps is added after the root; its code adds it inside, and the "
+                    "preset follows the code.",
+                ),
+            ),
+            Preset(
+                name="dqn",
+                peer="DeepMind's DQN (Mnih et al., Nature 2015): the centered RMSProp of its NeuralQLearner",
+                options={
+                    "lr": 2.5e-4,
+                    "alpha": 0.95,
+                    "eps": 0.01,
+                    "eps_in_sqrt": True,
+                    "centered": True,
+                    "momentum": 0.0,
+                },
+                peer_names={"lr": "lr", "gradient momentum / squared gradient momentum": "alpha",
+                            "min squared gradient": "eps", "wc": "weight_decay"},  # fmt: skip
+                deviations=(
+                    "DQN's update is w <- w + lr * dw / sqrt(g2 - g^2 + 0.01) with dw minus the loss "
+                    "gradient; with torch's gradients that is w <- w - lr * grad / sqrt(...), this preset.",
+                    "DQN computes g <- 0.95 g + 0.05 dw and g2 - g^2 + 0.01 in that order; this library "
+                    "a lerp and (g2 - g^2) + 0.01: equal in exact arithmetic, different in the last bits. "
+                    + _CLAMP.format(peer="DQN") + " With 0.01 inside the root that needs a rounding error "
+                    "of 0.01: it does not happen.",
+                    "DQN can anneal lr linearly (lr_end, lr_endt; Nature's runs kept it constant): a torch "
+                    "LR scheduler (LinearLR) does that here.",
+                    "DQN's weight cost wc (0 in Nature's runs) is weight_decay (coupled) here. Its TD-error "
+                    "clipping to [-1, 1] belongs to the loss (smooth_l1_loss), not to the optimizer.",
+                ),
+            ),
+            Preset(
+                name="a3c",
+                peer="the shared RMSProp of A3C (Mnih et al., 'Asynchronous Methods for Deep RL', 2016)",
+                options={"lr": 7e-4, "alpha": 0.99, "eps": 0.1, "eps_in_sqrt": True},
+                peer_names={"eta": "lr", "alpha": "alpha", "epsilon": "eps"},
+                deviations=(
+                    "The paper's statistics g are shared by every worker: call model.share_memory() and "
+                    "optimizer.share_memory() before starting the workers (examples/a3c_cartpole.py). "
+                    "Without it each worker keeps its own statistics, the per-thread RMSProp the paper "
+                    "found less robust.",
+                    "The paper sampled lr log-uniformly in [1e-4, 1e-2] and annealed it linearly to 0; "
+                    "7e-4 is the default of common implementations (OpenAI Baselines' A2C, PyTorch A3C "
+                    "ports): pass yours, and a scheduler for the annealing.",
+                    "The SharedRMSprop widely copied in PyTorch A3C code (rl_a3c_pytorch and its forks) "
+                    "uses these hyperparameters with torch's formula, sqrt(g) + 0.1: pass "
+                    "eps_in_sqrt=False to reproduce it (bit for bit with fused=False).",
+                    "Workers update without a lock, as in the paper (Hogwild): concurrent writes to one "
+                    "element keep one of them, the shared step counter included.",
                 ),
             ),
             Preset(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ReferenceRMSprop", "run_reference"]
+__all__ = ["ReferenceRMSprop", "run_reference", "LazyRowsReference"]
 
 
 @dataclass
@@ -105,3 +105,33 @@ def run_reference(
     for i, g in enumerate(grads):
         ref.step(g, None if lrs is None else lrs[i])
     return ref
+
+
+@dataclass
+class LazyRowsReference:
+    """TensorFlow's lazy rows in float64: one :class:`ReferenceRMSprop` per row of ``param`` (its
+    first dimension), stepped only on the steps whose sparse gradient names the row, with the
+    sum of that step's values for it (duplicates summed). A row never named keeps its value
+    and its state; the options are those of :class:`ReferenceRMSprop` (``bias_correction``
+    excluded: its per-step factor has no meaning for a row that skips steps)."""
+
+    param: np.ndarray
+    options: dict = field(default_factory=dict)
+    rows: list[ReferenceRMSprop] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.options.get("bias_correction"):
+            raise ValueError("lazy rows have no bias correction")
+        self.rows = [ReferenceRMSprop(row, **self.options) for row in np.array(self.param, dtype=np.float64)]
+
+    def step(self, indices: np.ndarray, values: np.ndarray, lr: float | None = None) -> np.ndarray:
+        """One sparse gradient: ``values[k]`` is the gradient of row ``indices[k]``."""
+        for r in np.unique(indices):
+            self.rows[r].step(values[indices == r].sum(axis=0), lr)
+        return self.value()
+
+    def value(self) -> np.ndarray:
+        return np.stack([row.param for row in self.rows])
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {key: np.stack([row.state()[key] for row in self.rows]) for key in self.rows[0].state()}

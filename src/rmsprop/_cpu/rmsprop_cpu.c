@@ -48,7 +48,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define RMS_ABI_VERSION 3
+#define RMS_ABI_VERSION 4
 
 /* Element kinds of a record (storage dtype); complex tensors are (re, im) pairs of f32 / f64. */
 enum { RMS_F32 = 0, RMS_F64 = 1, RMS_BF16 = 2, RMS_F16 = 3, RMS_C64 = 4, RMS_C128 = 5, RMS_KINDS = 6 };
@@ -78,13 +78,15 @@ enum {
     RMS_ST_OVERLAP = 9,      /* shares memory with another tensor this step touches */
     RMS_ST_NOT_CHOSEN = 10,  /* supported, but excluded by the caller's dtype mask */
     RMS_ST_DIMS = 11,        /* more than RMS_MAX_DIMS dimensions */
-    /* 12, 13: Python's own (a tensor subclass; a conjugate or negative bit) */
-    RMS_ST_SCALES = 14,      /* int8 state: its scales are missing, of another dtype or count, or not contiguous */
-    RMS_ST_FORMAT = 15,      /* a state format the kernel does not take for this parameter (e.g. float64 with bf16
+    RMS_ST_STORAGE = 12,     /* its elements reach past the end of its storage (a resized storage) */
+    /* 13, 14: Python's own (a tensor subclass; a conjugate or negative bit) */
+    RMS_ST_SCALES = 15,      /* int8 state: its scales are missing, of another dtype or count, or not contiguous */
+    RMS_ST_FORMAT = 16,      /* a state format the kernel does not take for this parameter (e.g. float64 with bf16
                               * state, int8 state of a non-contiguous parameter): the torch path steps it */
 };
 enum { RMS_T_PARAM = 0, RMS_T_GRAD = 1, RMS_T_SQUARE_AVG = 2, RMS_T_GRAD_AVG = 3, RMS_T_MOMENTUM = 4, RMS_T_STEP = 5 };
-#define RMS_STATUS(reason, which) ((int8_t)((reason) | ((which) << 4)))
+/* a status byte: the reason in the low 5 bits, the tensor (RMS_T_*) in the high 3 */
+#define RMS_STATUS(reason, which) ((uint8_t)((reason) | ((which) << 5)))
 #define RMS_MAX_DIMS 64
 
 /* Modes of rmsprop_step. */
@@ -108,6 +110,7 @@ typedef struct {
     rms_i64_fn numel, dim;            /* aoti_torch_get_numel, aoti_torch_get_dim */
     rms_i32_fn dtype, device_type, layout;
     rms_arr_fn sizes, strides;
+    rms_i64_fn storage_size, storage_offset; /* bytes of the storage; offset in elements */
     int32_t dtype_code[RMS_KINDS];    /* torch's ScalarType codes for f32, f64, bf16, f16, c64, c128 */
     int32_t dtype_uint8;              /* ... and for uint8 (int8 state codes) */
     int32_t device_cpu, layout_strided;
@@ -148,6 +151,12 @@ typedef struct {
 enum { RMS_SD_NONE = 0, RMS_SD_F32 = 1, RMS_SD_BF16 = 2, RMS_SD_INT8 = 3 };
 enum { RMS_FMT_SAME = 0, RMS_FMT_F32 = 1, RMS_FMT_BF16SR = 2, RMS_FMT_INT8 = 3 };
 #define RMS_BLOCK 256
+
+/* What one record's step needs besides the call's scalars (see the low-bit section). */
+typedef struct {
+    double inv_corr, inv_prev, k_var; /* 1/C_t, 1/C_{t-1} (0 when C_{t-1} = 0), alpha(1-alpha)C_{t-1}/C_t */
+    uint32_t key0, key1;              /* random streams: 0 for v (upper 16 bits) and m (lower), 1 for b */
+} rms_rec_scalars;
 
 /* A validated record: resolved addresses, element count (complex: float pairs), kinds. Also the
  * memory of the previous step for RMS_REQUIRE_UNCHANGED. */
@@ -191,6 +200,7 @@ static const rms_field api_fields[] = {
     RMS_FIELD(rms_torch_api, dim),              RMS_FIELD(rms_torch_api, dtype),
     RMS_FIELD(rms_torch_api, device_type),      RMS_FIELD(rms_torch_api, layout),
     RMS_FIELD(rms_torch_api, sizes),            RMS_FIELD(rms_torch_api, strides),
+    RMS_FIELD(rms_torch_api, storage_size),     RMS_FIELD(rms_torch_api, storage_offset),
     RMS_FIELD(rms_torch_api, dtype_code),       RMS_FIELD(rms_torch_api, dtype_uint8),
     RMS_FIELD(rms_torch_api, device_cpu),
     RMS_FIELD(rms_torch_api, layout_strided),
@@ -221,7 +231,8 @@ int32_t rmsprop_set_isa(int32_t isa);
 int32_t rmsprop_init(const rms_torch_api *api) {
     if (!api || api->struct_size != (int64_t)sizeof(rms_torch_api)) return -1;
     if (!api->mutable_data_ptr || !api->const_data_ptr || !api->numel || !api->dim || !api->dtype ||
-        !api->device_type || !api->layout || !api->sizes || !api->strides)
+        !api->device_type || !api->layout || !api->sizes || !api->strides || !api->storage_size ||
+        !api->storage_offset)
         return -1;
     g_api = *api;
     rmsprop_set_isa(-1);
@@ -346,12 +357,27 @@ static int describe(const int64_t *slot, int writable, rms_view *out) {
         if (!ptr) return RMS_ST_TORCH;
         out->ptr = ptr;
     }
-    int64_t expected = 1;
     out->contiguous_order = 1;
+    if (out->numel == 0) return 0; /* nothing is read or written */
+    /* contiguity, and the furthest element from the start (every stride is >= 0 in torch) */
+    int64_t expected = 1, furthest = 0;
     for (int64_t d = out->dim - 1; d >= 0; d--) {
-        if (sizes[d] < 0) return RMS_ST_TORCH;
+        if (sizes[d] <= 0 || strides[d] < 0) return RMS_ST_TORCH;
         if (sizes[d] != 1 && strides[d] != expected) out->contiguous_order = 0;
-        expected *= sizes[d];
+        int64_t reach;
+        if (__builtin_mul_overflow(sizes[d] - 1, strides[d], &reach) || __builtin_add_overflow(furthest, reach, &furthest) ||
+            __builtin_mul_overflow(expected, sizes[d], &expected))
+            return RMS_ST_STORAGE;
+    }
+    /* every element must lie inside the storage: a storage resized under its tensor (or a
+     * view made with as_strided) would otherwise be read and written past its end */
+    if (out->kind >= 0 || out->is_u8) { /* (int8 state codes: one byte an element) */
+        int64_t offset, nbytes, end;
+        const int64_t elem = out->is_u8 ? 1 : (int64_t)kind_size(out->kind);
+        if (g_api.storage_offset(h, &offset) || g_api.storage_size(h, &nbytes)) return RMS_ST_TORCH;
+        if (offset < 0 || __builtin_add_overflow(offset, furthest, &end) || __builtin_add_overflow(end, 1, &end) ||
+            __builtin_mul_overflow(end, elem, &end) || end > nbytes)
+            return RMS_ST_STORAGE;
     }
     return 0;
 }
@@ -373,7 +399,7 @@ static int dense(const rms_view *t) {
     int64_t expected = 1;
     for (int64_t i = 0; i < n; i++) {
         if (t->strides[order[i]] != expected) return 0;
-        expected *= t->sizes[order[i]];
+        if (__builtin_mul_overflow(expected, t->sizes[order[i]], &expected)) return 0;
     }
     return 1;
 }
@@ -393,7 +419,7 @@ static int64_t blocks_of(int64_t numel) { return (numel + RMS_BLOCK - 1) / RMS_B
 /* Validate record t and fill rec; returns 0 or a status. With a state_dtype the record's format
  * follows from it and the first state tensor (uint8 codes: int8; otherwise the float dtype the
  * state_dtype keeps), and every state tensor must be in that one format. */
-static int8_t validate_record(const rms_lists *L, int64_t t, const rms_call *call, rms_record *rec) {
+static uint8_t validate_record(const rms_lists *L, int64_t t, const rms_call *call, rms_record *rec) {
     rms_view p, other, sc;
     int r = describe(L->param ? &L->param[t] : NULL, 1, &p);
     if (r) return RMS_STATUS(r, RMS_T_PARAM);
@@ -486,12 +512,22 @@ typedef struct {
     int64_t n, n_spans, spans_valid, reserved;
 } rms_memo_header;
 #define RMS_PERSISTED_PER_RECORD 8 /* p, v, m, b, step, and the three int8 scales */
+/* Then the scratch of one call, so a step allocates nothing: this step's records, the per-record
+ * scalars (bias corrections, low-bit weights and keys), the statuses. */
 static int64_t memo_bytes(int64_t n) {
     return (int64_t)(sizeof(rms_memo_header) + (size_t)n * sizeof(rms_record) +
-                     (size_t)n * RMS_PERSISTED_PER_RECORD * sizeof(rms_span));
+                     (size_t)n * RMS_PERSISTED_PER_RECORD * sizeof(rms_span) + (size_t)n * sizeof(rms_record) +
+                     (size_t)n * sizeof(rms_rec_scalars) + (size_t)n);
 }
 static rms_record *memo_records(void *memo) { return (rms_record *)((rms_memo_header *)memo + 1); }
 static rms_span *memo_spans(void *memo, int64_t n) { return (rms_span *)(memo_records(memo) + n); }
+static rms_record *scratch_records(void *memo, int64_t n) {
+    return (rms_record *)(memo_spans(memo, n) + (size_t)n * RMS_PERSISTED_PER_RECORD);
+}
+static rms_rec_scalars *scratch_scalars(void *memo, int64_t n) {
+    return (rms_rec_scalars *)(scratch_records(memo, n) + n);
+}
+static uint8_t *scratch_status(void *memo, int64_t n) { return (uint8_t *)(scratch_scalars(memo, n) + n); }
 
 /* LSD radix sort of spans by start address, 8 bits a pass; passes whose byte is the same for
  * every key are skipped (user-space addresses share their top bytes). */
@@ -516,7 +552,7 @@ static int sort_spans(rms_span *a, int64_t n) {
     return 0;
 }
 
-static void mark(int8_t *status, int64_t record, int32_t which, int64_t *marked) {
+static void mark(uint8_t *status, int64_t record, int32_t which, int64_t *marked) {
     if (status[record] == 0) {
         status[record] = RMS_STATUS(RMS_ST_OVERLAP, which);
         (*marked)++;
@@ -528,7 +564,7 @@ static void mark(int8_t *status, int64_t record, int32_t which, int64_t *marked)
  * two parameters...). With `save` (room for 5n spans), the persistent tensors' spans are kept
  * there in address order when nothing overlaps. Returns the number of records marked, or -1
  * when out of memory. */
-static int64_t mark_overlaps(const rms_record *recs, int64_t n, const rms_call *call, int8_t *status,
+static int64_t mark_overlaps(const rms_record *recs, int64_t n, const rms_call *call, uint8_t *status,
                              rms_span *save, int64_t *saved) {
     int64_t cap = (RMS_PERSISTED_PER_RECORD + 1) * n, k = 0, marked = 0;
     if (saved) *saved = 0;
@@ -587,7 +623,7 @@ static int64_t mark_overlaps(const rms_record *recs, int64_t n, const rms_call *
  * persistent spans of the previous step, which are disjoint and sorted, so their ends increase
  * too and one binary search finds the only candidate. */
 static int64_t mark_grad_overlaps(const rms_record *recs, int64_t n, const rms_span *spans, int64_t k,
-                                  int8_t *status) {
+                                  uint8_t *status) {
     int64_t marked = 0;
     for (int64_t t = 0; t < n; t++) {
         const rms_record *r = &recs[t];
@@ -904,10 +940,6 @@ static void loop_lowp(int32_t kind, uint16_t *p, uint16_t *g, uint16_t *v, uint1
  * codes). The buffers live in L1, so memory is still read and written once per element. Every
  * operation, its order and the random bits are those of the torch-op path
  * (backends/lowbit.py): on the CPU both give the same bits. */
-typedef struct {
-    double inv_corr, inv_prev, k_var; /* 1/C_t, 1/C_{t-1} (0 when C_{t-1} = 0), alpha(1-alpha)C_{t-1}/C_t */
-    uint32_t key0, key1;              /* random streams: 0 for v (upper 16 bits) and m (lower), 1 for b */
-} rms_rec_scalars;
 
 RMS_INLINE uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
@@ -1314,7 +1346,7 @@ static int unchanged(const rms_record *old, const rms_record *now) {
  * to any tensor unless the return value is RMS_OK.
  */
 int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, int32_t num_threads,
-                     void *records, int8_t *status, int64_t *bad) {
+                     void *records, uint8_t *status, int64_t *bad) {
     if (!atomic_load(&g_api_ready)) return RMS_NOT_INITIALISED;
     if (!lists || !call || n < 0 || num_threads < 1 || (n > 0 && !records)) return RMS_BAD_ARGUMENT;
     const int mode = call->mode & 0xff;
@@ -1326,13 +1358,12 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
         (call->found_inf && read_scalar(call->found_inf, &found_inf)))
         return RMS_BAD_SCALAR;
 
-    rms_record *fresh = (rms_record *)calloc((size_t)(n > 0 ? n : 1), sizeof(rms_record));
-    int8_t *st = (int8_t *)calloc((size_t)(n > 0 ? n : 1), 1);
-    rms_rec_scalars *inv_corr = (rms_rec_scalars *)calloc((size_t)(n > 0 ? n : 1), sizeof(rms_rec_scalars));
-    if (!fresh || !st || !inv_corr) {
-        free(fresh); free(st); free(inv_corr);
-        return RMS_NO_MEMORY;
-    }
+    if (n == 0) return mode == RMS_MODE_RUN && found_inf != 0.0f ? RMS_SKIPPED : RMS_OK;
+    rms_record *fresh = scratch_records(records, n);
+    uint8_t *st = scratch_status(records, n);
+    rms_rec_scalars *inv_corr = scratch_scalars(records, n);
+    memset(fresh, 0, sizeof(rms_record) * (size_t)n);
+    memset(st, 0, (size_t)n);
     rms_call checked = *call;
     if (mode == RMS_MODE_STREAM) { /* p, g, v only, float32 only */
         checked.centered = 0;
@@ -1444,9 +1475,6 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
     }
 
 done:
-    free(fresh);
-    free(st);
-    free(inv_corr);
     return result;
 }
 

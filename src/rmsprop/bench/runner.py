@@ -31,7 +31,9 @@ import torch
 
 from ..backends import fused_cpu
 from ..optimizer import RMSprop
+from . import sweeps
 from .bound import stream_bound
+from .models import MODELS
 
 
 @dataclass(frozen=True)
@@ -60,19 +62,30 @@ CONFIGS: dict[str, Config] = {
         Config("10x1M fp32 plain", ((1_000_000,),) * 10),
         Config("10x1M fp32 momentum+centered", ((1_000_000,),) * 10, options=MOMENTUM_CENTERED),
         Config("2000x5k fp32 plain", ((5_000,),) * 2000, compile_torch=False),
+        Config("1x10M fp32 plain", ((10_000_000,),)),  # the element count of 2000x5k, in one tensor
         Config("1x16M fp32 plain", ((16_000_000,),)),
         Config("10x1M bf16 plain", ((1_000_000,),) * 10, dtype=torch.bfloat16),
+        Config(
+            "10x1M bf16 momentum+centered",
+            ((1_000_000,),) * 10,
+            dtype=torch.bfloat16,
+            options=MOMENTUM_CENTERED,
+        ),
+        Config("10x1M fp16 plain", ((1_000_000,),) * 10, dtype=torch.float16),
+        *(Config(f"{name} fp32", make()) for name, make in MODELS.items()),
     ]
 }
 QUICK_CONFIGS: dict[str, Config] = {
-    "10x1M fp32 plain": CONFIGS["10x1M fp32 plain"],
-    "10x1M fp32 momentum+centered": CONFIGS["10x1M fp32 momentum+centered"],
-    "2000x5k fp32 plain": CONFIGS["2000x5k fp32 plain"],
+    name: CONFIGS[name]
+    for name in ("10x1M fp32 plain", "10x1M fp32 momentum+centered", "2000x5k fp32 plain", "10x1M bf16 plain")
 }
+
+THREAD_SWEEP_CONFIG = CONFIGS["10x1M fp32 plain"]
 
 Factory = Callable[[list[torch.Tensor], dict], torch.optim.Optimizer]
 IMPLEMENTATIONS: dict[str, Factory] = {
     "rmsprop fused": lambda ps, o: RMSprop(ps, fused=True, **o),
+    "rmsprop default": lambda ps, o: RMSprop(ps, **o),  # what a user gets: fp16 routes to foreach
     "rmsprop foreach": lambda ps, o: RMSprop(ps, foreach=True, fused=False, **o),
     "torch foreach": lambda ps, o: torch.optim.RMSprop(ps, foreach=True, **o),
     "torch per-tensor": lambda ps, o: torch.optim.RMSprop(ps, foreach=False, **o),
@@ -118,6 +131,8 @@ def _measure_side_by_side(config: Config, names: list[str], quick: bool) -> dict
     every implementation once, in turn, so a machine whose speed drifts (a shared VM) slows them
     all alike instead of whichever happened to run during the slow minute."""
     warmup, repeats, per = (2, 3, 3) if quick else (3, 9, 5)
+    if config.elements > 50_000_000:  # GPT-2 sized: torch's per-tensor step alone takes ~1 s
+        warmup, repeats, per = 1, (3 if quick else 5), 1
     steps, extras = {}, {}
     for name in names:
         steps[name], extras[name] = _prepare(config, name)
@@ -207,9 +222,11 @@ def run_bench(
     configs: list[str] | None = None,
     compile_torch: bool = True,
     first_step: bool = True,
+    sweep: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run the benchmark and return every number (see the module docstring)."""
+    """Run the benchmark and return every number (see the module docstring): the configurations,
+    then (``sweep``) the size and thread sweeps and the optimizer's share of a training step."""
     if not fused_cpu.is_available():
         raise RuntimeError(f"the fused kernel is unavailable: {fused_cpu.load_error()}")
     chosen = QUICK_CONFIGS if quick and not configs else CONFIGS
@@ -239,6 +256,10 @@ def run_bench(
         row["fused_fraction_of_bound"] = row["results"][BOUND]["step_ms"] / fused["step_ms"]
         results["configs"].append(row)
         log(format_row(row))
+    if sweep:
+        results["sizes"] = sweeps.size_sweep(_measure_side_by_side, Config, quick, log)
+        results["threads"] = sweeps.thread_sweep(_measure_side_by_side, THREAD_SWEEP_CONFIG, quick, log)
+        results["training_share"] = sweeps.training_share(quick, log)
     if first_step:
         log("  first step in a fresh process ...")
         results["first_step"] = first_step_costs(repeats=1 if quick else 3)
@@ -283,41 +304,130 @@ def markdown_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def sweep_tables(results: dict) -> str:
+    """The sweeps as markdown: ms per step and the fraction of the bound, per size and threads."""
+    lines = []
+    for key, label, fmt in (("sizes", "sizes", "{:,}"), ("threads", "threads", "{}")):
+        rows = results.get(key)
+        if not rows:
+            continue
+        impls = list(rows[0]["results"])
+        lines += ["", f"| {label} | " + " | ".join(impls) + " | fused / bound | fused vs torch foreach |"]
+        lines.append("|---" * (len(impls) + 3) + "|")
+        for row in rows:
+            r = row["results"]
+            cells = [f"{r[i]['step_ms']:.3f} ms" for i in impls]
+            frac = r[BOUND]["step_ms"] / r["rmsprop fused"]["step_ms"]
+            speed = r[BASELINE]["step_ms"] / r["rmsprop fused"]["step_ms"]
+            lines.append(
+                f"| {fmt.format(row[label])} | "
+                + " | ".join(cells)
+                + f" | {100 * frac:.0f}% | {speed:.2f}x |"
+            )
+    share = results.get("training_share")
+    if share:
+        lines += [
+            "",
+            f"Optimizer share of a training step ({share['model']}, {share['parameters']:,} parameters):",
+            "",
+        ]
+        lines += ["| optimizer | forward+backward | step | step share |", "|---|---|---|---|"]
+        for name, r in share.items():
+            if isinstance(r, dict):
+                lines.append(
+                    f"| {name} | {r['forward_backward_ms']:.2f} ms | {r['step_ms']:.2f} ms | {100 * r['share']:.0f}% |"
+                )
+    return "\n".join(lines)
+
+
+def plotting_unavailable() -> str | None:
+    """Why ``save(..., plot=True)`` would fail (matplotlib missing), or None: ask before the run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "--plot needs matplotlib: pip install 'rmsprop[report]'"
+    return None
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write`` into a temporary file beside ``path``, then rename it over ``path``: an
+    interrupted save leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save(results: dict, out: Path, plot: bool) -> list[Path]:
+    """Write bench.json, bench.md (and bench.png) into ``out``, each file whole or not at all."""
+    if plot and (why := plotting_unavailable()):
+        raise RuntimeError(why)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "bench.json", out / "bench.md"]
-    written[0].write_text(json.dumps(results, indent=2))
-    written[1].write_text(markdown_table(results) + "\n")
+    written = [
+        _write_whole(out / "bench.json", lambda p: p.write_text(json.dumps(results, indent=2))),
+        _write_whole(
+            out / "bench.md", lambda p: p.write_text(markdown_table(results) + "\n" + sweep_tables(results) + "\n")
+        ),
+    ]
     if plot:
-        written.append(_plot(results, out / "bench.png"))
+        written.append(_write_whole(out / "bench.png", lambda p: _plot(results, p)))
     return written
 
 
 def _plot(results: dict, path: Path) -> Path:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install 'rmsprop[report]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     configs = results["configs"]
     impls = [i for i in [*IMPLEMENTATIONS, COMPILED, BOUND] if any(i in c["results"] for c in configs)]
-    fig, ax = plt.subplots(figsize=(11, 4.8))
-    width = 0.8 / len(impls)
+    has_sweeps = bool(results.get("sizes") or results.get("threads"))
+    fig, axes = plt.subplots(
+        1, 3 if has_sweeps else 1, figsize=(18 if has_sweeps else 11, 5.6),
+        gridspec_kw={"width_ratios": [2.2, 1, 1]} if has_sweeps else None, squeeze=False,
+    )  # fmt: skip
+    ax = axes[0][0]
+    height = 0.8 / len(impls)
     for k, impl in enumerate(impls):
-        xs = [j + (k - (len(impls) - 1) / 2) * width for j in range(len(configs))]
-        ys = [c["results"].get(impl, {}).get("gb_per_s", 0.0) for c in configs]
-        ax.bar(xs, ys, width, label=impl)
-    ax.set_xticks(range(len(configs)), [c["name"] for c in configs], rotation=12)
-    ax.set_ylabel("effective memory traffic, GB/s (higher is better)")
+        ys = [j + (k - (len(impls) - 1) / 2) * height for j in range(len(configs))]
+        xs = [c["results"].get(impl, {}).get("speedup_vs_torch_foreach", 0.0) for c in configs]
+        ax.barh(ys, xs, height, label=impl)
+    ax.set_yticks(range(len(configs)), [c["name"] for c in configs], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up over torch's foreach step (log; higher is better)")
+    ax.legend(fontsize=7, loc="lower right")
     m = results["machine"]
-    ax.set_title(f"RMSprop step throughput — {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}")
-    ax.legend(fontsize=8, ncol=3)
+    ax.set_title(f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}", fontsize=9)
+    for col, (key, label) in enumerate(
+        (("sizes", "elements (one fp32 tensor)"), ("threads", "torch threads")), 1
+    ):
+        rows = results.get(key)
+        if not has_sweeps:
+            break
+        ax = axes[0][col]
+        for impl in rows[0]["results"] if rows else []:
+            ax.plot(
+                [r[key] for r in rows], [r["results"][impl]["gb_per_s"] for r in rows], marker="o", label=impl
+            )
+        if key == "sizes":
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("effective GB/s of a step's traffic")
+        ax.set_title(f"{'size' if key == 'sizes' else 'thread'} sweep" + ("" if key == "sizes" else " (10 x 1M fp32)"),
+                     fontsize=9)  # fmt: skip
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
 
-__all__ = ["CONFIGS", "IMPLEMENTATIONS", "run_bench", "save", "markdown_table", "first_step_costs"]
+__all__ = [
+    "CONFIGS", "IMPLEMENTATIONS", "run_bench", "save", "markdown_table", "first_step_costs", "plotting_unavailable"
+]

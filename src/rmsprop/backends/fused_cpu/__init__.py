@@ -8,7 +8,7 @@
 """
 
 from .cache import FusedCache
-from .kernel import ALL_KINDS, DEFAULT_KINDS, compile_eligible, compiled_step, explain, prepare
+from .kernel import ALL_KINDS, compile_eligible, compiled_step, default_kinds, explain, prepare
 from .native import is_available, load_error
 
 __all__ = [
@@ -18,7 +18,7 @@ __all__ = [
     "compile_eligible",
     "explain",
     "ALL_KINDS",
-    "DEFAULT_KINDS",
+    "default_kinds",
     "is_available",
     "load_error",
 ]

@@ -33,19 +33,23 @@ from ...rule import Rule
 from . import native
 from .cache import Entry, FusedCache
 
-__all__ = ["prepare", "ALL_KINDS", "DEFAULT_KINDS", "explain"]
+__all__ = ["prepare", "ALL_KINDS", "default_kinds", "explain"]
 
 Lists6 = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
 TorchPath = Callable[[list[int]], Callable[[], None] | None]
 
 ALL_KINDS = (1 << len(native.KINDS)) - 1
-# fp16 only on request (fused=True): the kernel's fp16 conversions are integer code, and on CPUs
-# with F16C torch's own foreach path converts faster (16 vs 9 ms for 10 x 1M on the benchmark
-# machine), while bf16 fused is 2x faster than foreach.
-DEFAULT_KINDS = ALL_KINDS & ~(1 << native.KINDS.index(torch.float16))
+_FP16 = 1 << native.KINDS.index(torch.float16)
+
+
+def default_kinds() -> int:
+    """What fused=None sends to the kernel: everything, except float16 on a CPU without F16C —
+    there the kernel's fp16 conversions are integer code, slower than torch's foreach path (16 vs
+    9 ms for 10 x 1M); with F16C the kernel converts in registers and is faster than foreach."""
+    return ALL_KINDS if native.LIB is not None and native.isa() == "avx2+f16c" else ALL_KINDS & ~_FP16
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _WHICH = ("parameter", "gradient", "square_avg", "grad_avg", "momentum_buffer", "step")
-# Status reasons (low 4 bits; the tensor is in the next 3): the C side's, then Python's own.
+# Status reasons (low 5 bits; the tensor is in the high 3): the C side's, and Python's own (13, 14).
 _REASONS = {
     1: "is missing",
     2: "cannot be read through torch's C shim (a tensor without storage?)",
@@ -56,21 +60,26 @@ _REASONS = {
     7: "has other sizes or strides than the parameter",
     8: "is not a one-element float32/float64 CPU tensor",
     9: "shares memory with another tensor this step touches",
-    10: "is float16, which the fused kernel takes only with fused=True (foreach is faster there)",
+    10: "is float16, which the fused kernel takes only with fused=True on a CPU without F16C",
     11: "has more than 64 dimensions",
-    12: "is a tensor subclass (only plain tensors reach the kernel)",
-    13: "has its conjugate or negative bit set",
-    14: "is int8 state whose scales (<buffer>_scale) are missing, not a contiguous 1-D float32 tensor, or not "
+    12: "has elements past the end of its storage (was the storage resized under it?)",
+    13: "is a tensor subclass (only plain tensors reach the kernel)",
+    14: "has its conjugate or negative bit set",
+    15: "is int8 state whose scales (<buffer>_scale) are missing, not a contiguous 1-D float32 tensor, or not "
         "one per block of 256 elements",
-    15: "has a state format the fused kernel does not take for this parameter (it takes bf16 / int8 / float32 "
+    16: "has a state format the fused kernel does not take for this parameter (it takes bf16 / int8 / float32 "
         "state of float32, bfloat16 and float16 parameters, int8 only for contiguous ones)",
 }
-_ST_SUBCLASS, _ST_BITS = 12, 13
+_ST_SUBCLASS, _ST_BITS = 13, 14
+_REASON_MASK, _WHICH_SHIFT = 0x1F, 5
+# What no path can step (a tensor torch itself cannot read, elements past the storage's end): an
+# error even with fused=None, where anything else the kernel declines goes to torch's path.
+_FATAL = frozenset((1, 2, 12))
 
 
 def explain(status: int, index: int, params: Sequence[Tensor]) -> str:
     """One status as a sentence naming the parameter, the tensor and the reason."""
-    reason, which = status & 0xF, status >> 4
+    reason, which = status & _REASON_MASK, status >> _WHICH_SHIFT
     p = params[index]
     what = "the parameter" if which == 0 else f"its {_WHICH[which]}"
     return (
@@ -79,10 +88,14 @@ def explain(status: int, index: int, params: Sequence[Tensor]) -> str:
     )
 
 
-def _scalar(t: Tensor | None) -> tuple[Tensor | None, ctypes.Array | None]:
+def _scalar(t: Tensor | None, as_flag: bool = False) -> tuple[Tensor | None, ctypes.Array | None]:
+    """A one-element float32 CPU copy for the kernel; ``as_flag``: 1.0 where ``t`` is nonzero in
+    its own dtype (a float64 found_inf of 1e-50 is an inf found, as on torch's path)."""
     if t is None:
         return None, None
-    t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    t = t.detach()
+    t = (t != 0) if as_flag else t
+    t = t.to(device="cpu", dtype=torch.float32).reshape(()).contiguous()
     return t, native.handles([t])
 
 
@@ -91,7 +104,7 @@ class _Call:
 
     def __init__(self, lr: float, rule: Rule, kinds: int, grad_scale, found_inf) -> None:
         self.scale, self.scale_handle = _scalar(grad_scale)
-        self.inf, self.inf_handle = _scalar(found_inf)
+        self.inf, self.inf_handle = _scalar(found_inf, as_flag=True)
         self.struct = native.Call(
             lr=lr,
             **{o.name: _to_c(o, getattr(rule, o.name)) for o in RULE_OPTIONS},
@@ -135,12 +148,6 @@ def _to_c(option, value):
     return native.STATE_DTYPE_CODES[value] if option.kind == "state_dtype" else value
 
 
-def _from_c(option, value):
-    if option.kind != "state_dtype":
-        return value
-    return next(k for k, code in native.STATE_DTYPE_CODES.items() if code == value)
-
-
 def _python_exclusions(
     lists: Lists6, status: bytearray, grads_only: bool = False, conj: bool = True, scales=()
 ) -> None:
@@ -152,18 +159,51 @@ def _python_exclusions(
         for which, tensors in zip((2, 3, 4), scales, strict=False):
             for i, t in enumerate(tensors):
                 if t is not None and not status[i] and (type(t) not in _PLAIN or t.is_neg()):
-                    status[i] = (_ST_SUBCLASS if type(t) not in _PLAIN else _ST_BITS) | (which << 4)
+                    status[i] = (_ST_SUBCLASS if type(t) not in _PLAIN else _ST_BITS) | (which << _WHICH_SHIFT)
     for which, tensors in enumerate(lists):
         if not tensors or (grads_only and which != 1):
             continue
         if not set(map(type, tensors)) <= _PLAIN:
             for i, t in enumerate(tensors):
                 if type(t) not in _PLAIN and not status[i]:
-                    status[i] = _ST_SUBCLASS | (which << 4)
+                    status[i] = _ST_SUBCLASS | (which << _WHICH_SHIFT)
         if any(map(Tensor.is_neg, tensors)) or (conj and any(map(Tensor.is_conj, tensors))):
             for i, t in enumerate(tensors):
                 if (t.is_neg() or t.is_conj()) and not status[i]:
-                    status[i] = _ST_BITS | (which << 4)
+                    status[i] = _ST_BITS | (which << _WHICH_SHIFT)
+
+
+_NEEDED = {"grads": lambda r: True, "square_avgs": lambda r: True, "steps": lambda r: True,
+           "grad_avgs": lambda r: r.centered, "momentum_buffers": lambda r: r.momentum > 0}  # fmt: skip
+
+
+def _check_lists(lists: Lists6, rule: Rule) -> None:
+    """Every list the rule needs holds one tensor per parameter (C reads that many)."""
+    n = len(lists[0])
+    names = ("grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")
+    for name, lst in zip(names, lists[1:], strict=True):
+        if (_NEEDED[name](rule) or lst) and len(lst) != n:
+            raise ValueError(f"fused RMSprop: {name} has {len(lst)} tensors for {n} parameters")
+
+
+def _check_types(lists: Lists6) -> None:
+    for name, lst in zip(_WHICH, lists, strict=True):
+        if not all(map(isinstance, lst, [Tensor] * len(lst))):
+            i = next(i for i, t in enumerate(lst) if not isinstance(t, Tensor))
+            raise RuntimeError(
+                f"parameter {i}: its {name} is a {type(lst[i]).__name__}, not a tensor; nothing was updated"
+            )
+
+
+def _check_scale_types(scale_lists) -> None:
+    """The int8 scales: a tensor or None per record (C reads each non-zero handle as a tensor)."""
+    for which, lst in zip(_WHICH[2:5], scale_lists, strict=False):
+        for i, t in enumerate(lst):
+            if t is not None and not isinstance(t, Tensor):
+                raise RuntimeError(
+                    f"parameter {i}: the int8 scales of its {which} are a {type(t).__name__}, not a tensor; "
+                    "nothing was updated"
+                )
 
 
 def _check_inference(written: Sequence[Sequence[Tensor]]) -> None:
@@ -216,11 +256,14 @@ def prepare(
     grad_var, grad_avg and momentum_buffer (lists aligned with the parameters, None where a
     record's state is not int8), with ``rule.state_dtype`` set.
     """
+    _check_lists(lists, rule)
     params, grads, square_avgs, grad_avgs, momentum_buffers, steps = lists
     n = len(params)
     scale_lists = tuple(lst for lst in scales) if scales is not None and any(scales) else ()
     if scale_lists:
         scale_lists = tuple(lst if lst else [None] * n for lst in scale_lists)
+        if len(scale_lists) != 3 or any(len(lst) != n for lst in scale_lists):
+            raise ValueError(f"fused RMSprop: the int8 scales must be three lists of {n} entries (tensors or None)")
     persisted = (params, square_avgs, grad_avgs, momentum_buffers, steps, *scale_lists)
     call = _Call(lr, rule, kinds, grad_scale, found_inf)
     grads_written = grad_scale is not None
@@ -228,6 +271,13 @@ def prepare(
 
     grad_status = bytearray(n)
     _python_exclusions(lists, grad_status, grads_only=True, conj=entry is None or entry.has_complex)
+    if entry is not None:
+        # `p.data = p.data.conj()` (or the private _neg_view) keeps the object and its address:
+        # the parameter's bits are the one thing the kernel's memory cannot see change
+        if any(map(Tensor.is_neg, params)) or (entry.has_complex and any(map(Tensor.is_conj, params))):
+            entry = None
+        elif grads_written:
+            _check_inference([grads])  # unscaled in place
     grad_column = native.handles(grads)
 
     def full() -> tuple[Entry, Callable[[], None] | None, list[int]]:
@@ -235,6 +285,8 @@ def prepare(
         written = [params, square_avgs, grad_avgs, momentum_buffers, steps] + (
             [grads] if grads_written else []
         )
+        _check_types(lists)
+        _check_scale_types(scale_lists)
         _check_inference(written + [[t for t in lst if t is not None] for lst in scale_lists])
         has_complex = any(map(torch.is_complex, params))
         fresh = Entry(persisted, has_complex)
@@ -248,8 +300,11 @@ def prepare(
             raise RuntimeError(
                 f"fused=True: {explain(status[first_bad], first_bad, params)}; nothing was updated"
             )
+        fatal = next((i for i, s in enumerate(status) if s & _REASON_MASK in _FATAL), None)
+        if fatal is not None:
+            raise RuntimeError(f"RMSprop: {explain(status[fatal], fatal, params)}; nothing was updated")
         fresh.excluded = status
-        fresh.grad_caused = any(s and (s >> 4) == 1 for s in status)
+        fresh.grad_caused = any(s and (s >> _WHICH_SHIFT) == 1 for s in status)
         leftovers = fresh.leftovers()
         rest = torch_path(leftovers) if leftovers else None
         if cache is not None:
@@ -309,21 +364,26 @@ def _unreachable() -> None:
 
 # ----------------------------------------------------------------------------- torch.compile
 _LIST_ARGS = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")
-_SCHEMA_TYPES = {"number": "float", "flag": "bool", "state_dtype": "int"}  # state_dtype: its C code
+# The op serves torch's format only (a compiled step with a state_dtype takes the low-bit torch-op
+# path, see functional._compiled_lowbit): its schema has the update's numbers and switches.
+_OP_OPTIONS = tuple(o for o in RULE_OPTIONS if o.kind in ("number", "flag"))
 _SCHEMA = (
     "("
     + ", ".join(f"Tensor({chr(97 + i)}!)[] {name}" for i, name in enumerate(_LIST_ARGS))
     + ", Tensor lr, "
-    + ", ".join(f"{_SCHEMA_TYPES[o.kind]} {o.name}" for o in RULE_OPTIONS)
-    + ", int kinds, Tensor? grad_scale, Tensor? found_inf) -> ()"
+    + ", ".join(f"{'float' if o.kind == 'number' else 'bool'} {o.name}" for o in _OP_OPTIONS)
+    + ", int kinds, bool required, Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 torch.library.define("rmsprop::fused_step", _SCHEMA)
 
 
 @torch.library.impl("rmsprop::fused_step", "CompositeExplicitAutograd")
 def _fused_step_impl(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, *args):
-    rule_values, (kinds, grad_scale, found_inf) = args[: len(RULE_OPTIONS)], args[len(RULE_OPTIONS) :]
-    rule = Rule(**{o.name: _from_c(o, v) for o, v in zip(RULE_OPTIONS, rule_values, strict=True)})
+    """The op's body, run eagerly: the same validation and kernel call as the eager path (no
+    cache). ``required`` is the user's fused=True; without it, what the kernel declines (memory
+    shared between tensors, a conjugate bit...) takes torch's foreach path here, as in eager."""
+    rule_values, (kinds, required, grad_scale, found_inf) = args[: len(_OP_OPTIONS)], args[len(_OP_OPTIONS) :]
+    rule = Rule(**{o.name: v for o, v in zip(_OP_OPTIONS, rule_values, strict=True)})
     lists = (
         list(params),
         list(grads),
@@ -333,19 +393,19 @@ def _fused_step_impl(params, grads, square_avgs, grad_avgs, momentum_buffers, st
         list(steps),
     )
 
-    def refuse(indices: list[int]):
-        raise RuntimeError(
-            f"rmsprop::fused_step: {len(indices)} tensors the kernel cannot take reached the compiled op"
-        )
+    def torch_path(indices: list[int]):
+        from ... import functional
+
+        return functional.leftover_step(lists, indices, lr=lr, rule=rule, grad_scale=grad_scale, found_inf=found_inf)
 
     prepare(
         lists,
         lr=float(lr),
         rule=rule,
         kinds=kinds,
-        required=True,
+        required=required,
         cache=None,
-        torch_path=refuse,
+        torch_path=torch_path,
         grad_scale=grad_scale,
         found_inf=found_inf,
         check_now=False,
@@ -357,12 +417,14 @@ def _fused_step_fake(*args) -> None:
     return None
 
 
-def compiled_step(lists: Lists6, *, lr, rule: Rule, kinds: int, grad_scale, found_inf) -> None:
+def compiled_step(lists: Lists6, *, lr, rule: Rule, kinds: int, required: bool, grad_scale, found_inf) -> None:
     """The step as dynamo should see it: one call of the custom op, lr as a tensor (a float lr
     is still a constant of the graph: dynamo guards on it, as it does for torch's optimizers)."""
+    if rule.state_dtype is not None:  # (functional routes those elsewhere; the op has no such argument)
+        raise RuntimeError("the fused_step op steps state in torch's format only (state_dtype=None)")
     lr_tensor = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     torch.ops.rmsprop.fused_step(
-        *lists, lr_tensor, *(_to_c(o, getattr(rule, o.name)) for o in RULE_OPTIONS), kinds, grad_scale, found_inf
+        *lists, lr_tensor, *(getattr(rule, o.name) for o in _OP_OPTIONS), kinds, required, grad_scale, found_inf
     )
 
 

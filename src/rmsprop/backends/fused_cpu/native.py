@@ -35,7 +35,7 @@ from ...options import RULE_OPTIONS
 
 __all__ = ["LIB", "load_error", "is_available", "Lists", "Call", "LIST_NAMES", "handles", "memo_size"]
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 # Element kinds of the C side, in its order, and the dtypes they are.
 KINDS = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
 LIST_NAMES = ("param", "grad", "square_avg", "grad_avg", "momentum_buffer", "step")
@@ -96,6 +96,8 @@ class TorchApi(ctypes.Structure):
         ("layout", _FN),
         ("sizes", _FN),
         ("strides", _FN),
+        ("storage_size", _FN),
+        ("storage_offset", _FN),
         ("dtype_code", ctypes.c_int32 * len(KINDS)),
         ("dtype_uint8", ctypes.c_int32),
         ("device_cpu", ctypes.c_int32),
@@ -113,6 +115,8 @@ _SHIM_FUNCTIONS = {
     "layout": "aoti_torch_get_layout",
     "sizes": "aoti_torch_get_sizes",
     "strides": "aoti_torch_get_strides",
+    "storage_size": "aoti_torch_get_storage_size",
+    "storage_offset": "aoti_torch_get_storage_offset",
 }
 _DTYPE_FUNCTIONS = (
     "aoti_torch_dtype_float32",
@@ -307,17 +311,21 @@ LIB, _LOAD_ERROR = _load()
 
 
 ISAS = ("portable", "avx2", "avx2+f16c")
+_ISA = ISAS[LIB.rmsprop_isa()] if LIB is not None else "portable"
 
 
 def isa() -> str:
-    """The conversions the kernel uses for bfloat16 / float16 storage on this CPU."""
-    return ISAS[LIB.rmsprop_isa()]
+    """The conversions the kernel uses for bfloat16 / float16 storage on this CPU (a Python value:
+    read under torch.compile without calling into C)."""
+    return _ISA
 
 
 def use_isa(name: str) -> str:
     """Force the portable conversions ("portable") or the best this CPU runs ("best"); for tests
     and benchmarks, which compare them. Returns the ISA now in use."""
-    return ISAS[LIB.rmsprop_set_isa(0 if name == "portable" else -1)]
+    global _ISA
+    _ISA = ISAS[LIB.rmsprop_set_isa(0 if name == "portable" else -1)]
+    return _ISA
 
 
 def memo_size(n: int) -> int:
