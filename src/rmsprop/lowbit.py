@@ -229,7 +229,8 @@ def quantize(values: Tensor, signed: bool, r: Tensor | None) -> tuple[Tensor, Te
         code = torch.where((x < 0) & (code > 0), code | 0x80, code)
         code = torch.where(finite, code, S8_NAN)
     else:
-        code = torch.where((a > 0) & (code == 0), 1, code)  # a positive value never rounds to 0
+        # a positive value never rounds to 0 (not even when x / scale underflows)
+        code = torch.where((magnitude > 0) & (code == 0), 1, code)
         code = torch.where(finite, code, U8_NAN)
     return code.to(torch.uint8).view(-1)[:n], scales
 

@@ -1023,7 +1023,8 @@ RMS_INLINE float quant_u8(const float *restrict x, const uint16_t *restrict r, u
                        (int32_t)(U8_FIRST & sub);
         code = code < 0 ? 0 : code;
         code = code > 0xfe ? 0xfe : code;
-        code += (int32_t)((code == 0) & (au != 0)); /* a positive value never rounds to 0 */
+        /* a positive value never rounds to 0 (not even when x / scale underflows) */
+        code += (int32_t)((code == 0) & (pos != 0));
         out[i] = (uint8_t)(((uint32_t)code & fin) | (0xffu & ~fin));
     }
     return scale;
