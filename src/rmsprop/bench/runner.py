@@ -224,16 +224,19 @@ def run_bench(
     compile_torch: bool = True,
     first_step: bool = True,
     sweep: bool = True,
-    state_formats: bool = True,
+    state_formats: bool = False,
     state_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the benchmark and return every number (see the module docstring): the configurations,
     then (``sweep``) the size and thread sweeps and the optimizer's share of a training step, and
-    (``state_formats``) fp32 / bf16 / int8 state side by side (see bench.state). ``state_only``:
-    only the latter."""
+    (``state_formats``, on in the CLI) fp32 / bf16 / int8 state side by side (see bench.state).
+    ``state_only``: only the latter."""
     if not fused_cpu.is_available():
         raise RuntimeError(f"the fused kernel is unavailable: {fused_cpu.load_error()}")
+    if state_only:
+        return {"machine": machine(), "quick": quick, "configs": [],
+                "state_formats": state.state_formats(_measure_side_by_side, CONFIGS, quick, log)}  # fmt: skip
     chosen = QUICK_CONFIGS if quick and not configs else CONFIGS
     names = configs or list(chosen)
     unknown = [n for n in names if n not in CONFIGS]
@@ -241,9 +244,6 @@ def run_bench(
         raise ValueError(f"unknown configurations {unknown}; choose from {list(CONFIGS)}")
 
     results = {"machine": machine(), "quick": quick, "configs": []}
-    if state_only:
-        results["state_formats"] = state.state_formats(_measure_side_by_side, CONFIGS, quick, log)
-        return results
     for name in names:
         config = CONFIGS[name]
         impls = [*IMPLEMENTATIONS]
