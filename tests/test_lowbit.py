@@ -634,3 +634,18 @@ def test_options_grid_runs_on_every_path():
                 opt.step()
                 assert torch.isfinite(p).all()
 
+
+
+def test_torch_compile_steps_low_bit_state_as_eager_does():
+    """Under torch.compile the low-bit step runs eagerly (outside the graph): the same bits."""
+    p = torch.nn.Parameter(torch.randn(5000))
+    q = torch.nn.Parameter(p.detach().clone())
+    kw = {"lr": LR, "momentum": 0.9, "centered": True, "initial_square_avg": 0.1, "state_dtype": "int8"}
+    compiled = torch.compile(rmsprop.RMSprop([p], **kw).step)
+    eager = rmsprop.RMSprop([q], **kw)
+    for t in range(2):
+        g = _grads((5000,), 1, seed=t)[0]
+        p.grad, q.grad = g.clone(), g.clone()
+        compiled()
+        eager.step()
+    assert torch.equal(p, q)
