@@ -649,3 +649,27 @@ def test_torch_compile_steps_low_bit_state_as_eager_does():
         compiled()
         eager.step()
     assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_grad_scaler_contract_and_share_memory(fmt):
+    """GradScaler's contract (unscale in place, skip everything on inf) on the kernel and the
+    torch-op path alike; share_memory() moves codes and scales to shared memory."""
+    results = []
+    for path in ({"fused": True}, {"foreach": True}):
+        p = torch.nn.Parameter(torch.ones(5000))
+        opt = rmsprop.RMSprop([p], lr=LR, momentum=0.9, state_dtype=FORMATS[fmt], **path)
+        p.grad = 1024 * _grads((5000,), 1)[0]
+        opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+        opt.step()
+        unscaled = p.grad.clone()
+        opt.found_inf = torch.tensor(1.0)
+        before = {k: v.clone() for k, v in opt.state[p].items()}
+        p_before = p.detach().clone()
+        opt.step()
+        assert torch.equal(p, p_before) and all(torch.equal(v, opt.state[p][k]) for k, v in before.items())
+        results.append((p.detach().clone(), unscaled))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    p = torch.nn.Parameter(torch.ones(5000))
+    opt = rmsprop.RMSprop([p], momentum=0.9, state_dtype=FORMATS[fmt]).share_memory()
+    assert all(v.is_shared() for v in opt.state[p].values())
