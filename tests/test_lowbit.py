@@ -535,6 +535,8 @@ def test_load_state_dict_refuses_broken_int8_state():
         (lambda s: s.__setitem__("square_avg_scale", torch.ones(3)), "need 20 scales"),
         (lambda s: s.__setitem__("square_avg_scale", torch.ones(20, dtype=torch.float64)), "float32 tensor"),
         (lambda s: s.pop("square_avg_scale"), "float32 tensor"),
+        (lambda s: s["square_avg_scale"].__setitem__(0, math.nan), "non-finite scale"),
+        (lambda s: s["square_avg_scale"].__setitem__(1, -1.0), "negative"),
         (lambda s: s.__setitem__("square_avg", torch.zeros(7, dtype=torch.uint8)), "shape"),
     ):
         bad = copy.deepcopy(good)

@@ -191,6 +191,10 @@ def _check_codes(codes: Tensor, key: str, param: Tensor, where: str, scales: Any
         )
     local = codes.to_local() if lowbit.is_dtensor(codes) else codes
     local_scales = scales.to_local() if lowbit.is_dtensor(scales) else scales
+    if local_scales.layout is not torch.strided:
+        raise ValueError(f"{where}: state['{key}_scale'] must be a dense tensor, got a {local_scales.layout} one")
+    if local_scales.numel() and not bool((torch.isfinite(local_scales) & (local_scales >= 0)).all()):
+        raise ValueError(f"{where}: state['{key}_scale'] holds a negative or non-finite scale (a corrupted checkpoint?)")
     blocks = lowbit.n_blocks(local.numel())
     ok = local_scales.numel() >= blocks if lowbit.is_dtensor(scales) else tuple(scales.shape) == (blocks,)
     if not ok:
