@@ -393,8 +393,9 @@ def test_small_v_inside_a_block_never_steps_larger_than_fp32_state():
             ob.step()
             step_a, step_b = (pa.detach() - before_a).abs(), (pb.detach() - before_b).abs()
             worst = max(worst, (step_a / (step_b + 1e-3 * LR)).max().item())
-        # within 1/sqrt(1 - 1/8) of fp32's from one step's rounding, plus the stochastic
-        # rounding's excursions over the steps: "a few times", here measured at most ~1.1
+        # one rounding of v moves a step by at most 1/sqrt(1 - 1/8) (7%); stochastic rounding's
+        # excursions over the steps, and v's trajectory drifting from fp32's, add to it: "a few
+        # times" (measured: int8 1.93x, bf16 1.02x)
         assert worst < 3.0, f"{fmt}: a step {worst:.3g} x fp32 state's"
 
 
@@ -422,7 +423,7 @@ def test_centered_with_a_small_variance_stays_bounded():
                 continue  # v0 = 0: step 1 is g/eps for both (see the centered docstring)
             step_a, step_b = (pa.detach() - before_a).abs(), (pb.detach() - before_b).abs()
             worst = max(worst, (step_a / (step_b + 1e-3 * LR)).max().item())
-        assert worst < 3.0, f"{fmt}: a step {worst:.3g} x fp32 state's"
+        assert worst < 3.0, f"{fmt}: a step {worst:.3g} x fp32 state's"  # measured: int8 1.61x, bf16 1.05x
         assert oa.state[pa]["grad_var"].dtype in (torch.uint8, torch.bfloat16)
 
 
