@@ -23,3 +23,5 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 # test_fused checks that the library loaded is this one; the probes run it in subprocesses
 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_probes.py tests/test_validation.py \
   "tests/test_reference.py" -k "fused or probe or validation or Validation or refused or bad" "$@"
+# the low-bit formats' kernel paths (int8 codes and scales, bf16 stochastic rounding), every test
+"$PY" -m pytest -q -p no:cacheprovider tests/test_lowbit.py "$@"

@@ -168,3 +168,60 @@ def reshard_worker(rank: int, world: int, port: int, out: str) -> None:
     train(model, opt, 3, start=3)
     torch.save([p.detach().clone() for p in model.parameters()], Path(out) / "reshard.pt")
     _finish()
+
+
+LOWBIT = {"lr": 0.01, "momentum": 0.9, "centered": True, "state_dtype": "int8", "int8_min_numel": 0}
+
+
+def lowbit_worker(rank: int, world: int, port: int, out: str) -> None:
+    """int8 state under FSDP2: blocks cut from each rank's local shard; a DCP round trip at the
+    same world size resumes exactly; the checkpoint is kept for the resharding test."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _init(rank, world, port)
+    calls = _count_kernel_calls()
+    model = _shard(make_model())
+    opt = rmsprop.RMSprop(model.parameters(), **LOWBIT)
+    train(model, opt, 3)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(out) / "ckpt8"))
+    train(model, opt, 3, start=3)
+    uninterrupted = [p.full_tensor() for p in model.parameters()]
+    codes = [s["square_avg" if "square_avg" in s else "grad_var"] for s in opt.state.values()]
+
+    fresh = _shard(make_model())
+    fresh_opt = rmsprop.RMSprop(fresh.parameters(), **LOWBIT)
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(Path(out) / "ckpt8"))
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(fresh, fresh_opt, 3, start=3)
+    resumed = [p.full_tensor() for p in fresh.parameters()]
+    if rank == 0:
+        torch.save(
+            {"uninterrupted": uninterrupted, "resumed": resumed, "kernel_calls": len(calls),
+             "codes_dtypes": [str(c.dtype) for c in codes], "sharded": [type(c).__name__ for c in codes]},
+            Path(out) / "lowbit.pt",
+        )  # fmt: skip
+    _finish()
+
+
+def lowbit_reshard_worker(rank: int, world: int, port: int, out: str) -> None:
+    """World size 1 loads the int8 checkpoint of two ranks: refused with a clear error."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _init(rank, world, port)
+    model = make_model()
+    opt = rmsprop.RMSprop(model.parameters(), **LOWBIT)
+    error = None
+    try:
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(Path(out) / "ckpt8"))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    except BaseException as exc:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
+        error = f"{type(exc).__name__}: {exc}"
+    torch.save({"error": error}, Path(out) / "lowbit_reshard.pt")
+    _finish()

@@ -77,3 +77,21 @@ def test_model_parameter_sets_have_their_published_sizes():
         "GPT-2 small": (148, 124_439_808),  # Hugging Face's gpt2
         "LSTM LM": (11, 19_780_400),  # Zaremba et al.'s medium model
     }
+
+
+def test_bench_state_formats_rows(monkeypatch):
+    """The state_dtype rows: every format side by side with its ratio to fp32 state, and bytes
+    per parameter and buffer (int8: one byte and a float32 scale per 256, plus the pickle)."""
+    from rmsprop.bench import state
+
+    tiny = runner.Config("tiny", ((5000,),) * 2, options={"momentum": 0.9})
+    monkeypatch.setattr(state, "STATE_CONFIGS", ("tiny",))
+    monkeypatch.setattr(runner, "CONFIGS", {"tiny": tiny})
+    results = runner.run_bench(quick=True, state_only=True, log=lambda s: None)
+    (row,) = results["state_formats"]
+    assert set(row["results"]) == set(state.STATE_IMPLEMENTATIONS)
+    assert row["results"][state.FP32_STATE]["ratio_to_fp32_state"] == 1.0
+    assert row["bytes"]["fp32"]["memory_bytes_per_param_per_buffer"] == 4.0
+    assert row["bytes"]["bf16"]["memory_bytes_per_param_per_buffer"] == 2.0
+    assert 1.0 < row["bytes"]["int8"]["memory_bytes_per_param_per_buffer"] <= 1 + 4 / 256 + 1e-3
+    assert "int8 state, fused" in state.state_table(results)

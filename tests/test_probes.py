@@ -363,7 +363,8 @@ r = dict(alpha=.99, eps=1e-8, weight_decay=0., momentum=0., centered=False, maxi
          nesterov=False, decoupled_weight_decay=False, lr_in_momentum=False, bias_correction=False)
 ps = [torch.randn(1000) for _ in range(3)]
 refused(lambda: torch.ops.rmsprop.fused_step(ps, [torch.randn(1000)], [torch.zeros(1000) for _ in ps], [], [],
-        [torch.zeros(()) for _ in ps], torch.tensor(.01), *[r[o.name] for o in RULE_OPTIONS], 63, True, None, None),
+        [torch.zeros(()) for _ in ps], torch.tensor(.01), *[r[o.name] for o in RULE_OPTIONS if o.name in r], 63, True,
+        None, None),
         ValueError, "grads has 1 tensors for 3 parameters")
 """,
     # R2. a storage shrunk under its tensor: the kernel would write past the storage's end.
@@ -502,6 +503,35 @@ with warnings.catch_warnings():
     warnings.simplefilter("error")
     rmsprop.RMSprop([p]).step()
 assert calls == []
+""",
+    # Low-bit state (issue 10). L1: the int8 scales reach C as addresses: a non-tensor with a
+    # `_cdata` attribute, or a scales list shorter than the parameters, must never get there.
+    "lowbit-1-scales-lists": """
+rule = Rule(alpha=.99, eps=1e-8, weight_decay=0., momentum=0., centered=False, maximize=False, eps_in_sqrt=False,
+            nesterov=False, decoupled_weight_decay=False, lr_in_momentum=False, bias_correction=False,
+            state_dtype="int8")
+class Fake:
+    _cdata = 8
+p = torch.randn(5000); before = p.clone()
+codes = torch.zeros(5000, dtype=torch.uint8)
+args = ([p], [torch.randn(5000)], [codes], [], [], [torch.zeros(())])
+for kw in ({"fused": True}, {}):
+    refused(lambda: F.rmsprop(*args, lr=.1, rule=rule, scales=([Fake()], [], []), **kw), RuntimeError, "not a tensor")
+    refused(lambda: F.rmsprop(*args, lr=.1, rule=rule, scales=([], [], []), **kw), Exception, "scale")
+    refused(lambda: F.rmsprop(*args, lr=.1, rule=rule, scales=([torch.ones(3)], [], []), **kw), Exception, "")
+    assert torch.equal(p, before) and not codes.any()
+""",
+    # L2: int8 codes (one byte an element) get the storage-extent check the float state has.
+    "lowbit-2-codes-storage-resized": """
+for kw in ({"fused": True}, {}):
+    p = torch.nn.Parameter(torch.ones(8192)); opt = rmsprop.RMSprop([p], lr=.1, state_dtype="int8", **kw)
+    p.grad = torch.ones(8192); opt.step()
+    opt.state[p]["square_avg"].untyped_storage().resize_(64)
+    refused(opt.step, RuntimeError, "past the end of its storage")
+    q = torch.nn.Parameter(torch.ones(8192)); o2 = rmsprop.RMSprop([q], lr=.1, state_dtype="int8", **kw)
+    q.grad = torch.ones(8192); o2.step()
+    o2.state[q]["square_avg_scale"].untyped_storage().resize_(4)
+    refused(o2.step, RuntimeError, "past the end of its storage")
 """,
 }
 

@@ -5,6 +5,14 @@ every group's hyperparameters through the option table, every state tensor again
 parameter, every step counter — and completed (keys a torch checkpoint or an older version lacks
 get the values that reproduce its algorithm) before the optimizer is touched. On any problem a
 ValueError or TypeError names it and the optimizer is left exactly as it was.
+
+State formats (see :mod:`rmsprop.lowbit`): the optimizer's own ``state_dtype`` and
+``int8_min_numel`` win over the checkpoint's, and each parameter's saved state is converted to
+the format they give it — an fp32 checkpoint into int8 state (rounded to nearest), int8 into
+fp32, bf16 into int8, centered's ``grad_var`` into ``square_avg`` and back — unless it is in that
+format already (then it is taken as it is: resume is bit-identical). State in the parameter's
+dtype, or cast to it as torch casts floating state, goes through torch's loader as before; the
+rest is installed after it (torch's loader would cast it to the parameter's dtype).
 """
 
 from __future__ import annotations
@@ -17,14 +25,17 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
+from . import lowbit
 from .options import migrate_group, validate_group
 
 __all__ = ["prepare_state_dict", "check_param_state"]
 
 
-def prepare_state_dict(groups: list[dict[str, Any]], state_dict: Any) -> dict[str, Any]:
-    """The state dict, checked and completed for an optimizer whose groups are ``groups``; the
-    input is not modified."""
+def prepare_state_dict(
+    groups: list[dict[str, Any]], state_dict: Any
+) -> tuple[dict[str, Any], dict[Tensor, dict[str, Any]]]:
+    """The state dict, checked and completed for an optimizer whose groups are ``groups`` (the
+    input is not modified), and the entries to install after torch's loader, by parameter."""
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
     saved_groups = state_dict.get("param_groups")
@@ -35,7 +46,7 @@ def prepare_state_dict(groups: list[dict[str, Any]], state_dict: Any) -> dict[st
         raise ValueError(
             f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(groups)}"
         )
-    new_groups, new_state = [], dict(saved_state)
+    new_groups, new_state, held_back = [], dict(saved_state), {}
     for gi, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
         if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
             raise ValueError(f"loaded param group {gi} must be a dict with a 'params' list")
@@ -54,16 +65,49 @@ def prepare_state_dict(groups: list[dict[str, Any]], state_dict: Any) -> dict[st
             if not isinstance(entry, dict):  # (a falsy 0 or [] too: torch would store it as the state)
                 raise ValueError(f"{where}: the state must be a dict, got {type(entry).__name__}")
             if entry:  # {}: no state yet, as for a parameter never stepped
-                new_state[pid] = check_param_state(entry, param, migrated, where)
-    return {**state_dict, "param_groups": new_groups, "state": new_state}
+                checked = check_param_state(entry, param, migrated, where)
+                if _torch_casts_it(checked, param, migrated):
+                    new_state[pid] = checked
+                else:
+                    new_state.pop(pid, None)
+                    held_back[param] = _on_device(checked, param, migrated)
+    return {**state_dict, "param_groups": new_groups, "state": new_state}, held_back
+
+
+def _torch_casts_it(entry: dict[str, Any], param: Tensor, group: dict[str, Any]) -> bool:
+    """torch's loader casts floating state to the parameter's dtype: right for the parameter's
+    own format, wrong for any other."""
+    if group["state_dtype"] is None:
+        return True
+    fmt, _ = lowbit.target(group["state_dtype"], group["int8_min_numel"], param)
+    return fmt == "same"
+
+
+def _on_device(entry: dict[str, Any], param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    """What torch's loader does to the tensors it does not cast: to the parameter's device (the
+    step counter too with capturable or fused, as float32, as torch does)."""
+    out = {}
+    for key, value in entry.items():
+        if key == "step" and isinstance(value, Tensor):
+            if group["capturable"] or group["fused"]:
+                value = value.to(dtype=torch.float32, device=param.device)
+        elif isinstance(value, Tensor) and not lowbit.is_dtensor(value):
+            value = value.to(device=param.device)
+        out[key] = value
+    return out
 
 
 def check_param_state(entry: Any, param: Tensor, group: dict[str, Any], where: str) -> dict[str, Any]:
     """``entry`` if it is a usable RMSprop state for ``param`` under ``group``'s options (its step
-    counter converted to a float tensor if it was another number type); ValueError otherwise."""
+    counter converted to a float tensor if it was another number type), converted to the format
+    the group gives the parameter where it is in another (see the module docstring); ValueError
+    otherwise."""
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: the state must be a dict, got {type(entry).__name__}")
-    needed = ["step", "square_avg"]
+    second = "grad_var" if "grad_var" in entry else "square_avg"
+    if second == "grad_var" and not group["centered"]:
+        raise ValueError(f"{where}: the state holds a centered variance (grad_var), but the group is not centered")
+    needed = ["step", second]
     if group["momentum"] > 0:
         needed.append("momentum_buffer")
     if group["centered"]:
@@ -71,13 +115,31 @@ def check_param_state(entry: Any, param: Tensor, group: dict[str, Any], where: s
     missing = [k for k in needed if k not in entry]
     if missing:
         raise ValueError(f"{where}: the state lacks {missing}, which its saved options need")
-    for key in ("square_avg", "momentum_buffer", "grad_avg"):
+    for key in (second, "momentum_buffer", "grad_avg"):
         if key in entry:
-            _check_buffer(entry[key], key, param, where)
-    return {**entry, "step": _checked_step(entry["step"], where)}
+            _check_buffer(entry[key], key, param, where, entry.get(key + "_scale"))
+    checked = {**entry, "step": _checked_step(entry["step"], where)}
+    if group["state_dtype"] is None and lowbit.entry_format(checked) == "float":
+        return checked  # torch's own format: torch's loader casts it, as before
+    fmt, dtype = lowbit.target(group["state_dtype"], group["int8_min_numel"], param)
+    keys = [k for k in lowbit.buffer_keys(fmt, group["centered"], group["momentum"] > 0) if k in checked]
+    if _in_format(checked, keys, dtype, second):
+        return checked
+    return lowbit.from_float(lowbit.to_float(checked, param, group), param, group, checked)
 
 
-def _check_buffer(value: Any, key: str, param: Tensor, where: str) -> None:
+def _in_format(entry: dict[str, Any], keys: list[str], dtype: torch.dtype, second: str) -> bool:
+    """Whether the checked entry's buffers are already stored as the target format keeps them."""
+    if not keys or keys[0] != second:
+        return False
+    for key in keys:
+        if entry[key].dtype != dtype:
+            return False
+    extra_scales = [k for k in entry if k.endswith("_scale") and k[: -len("_scale")] not in keys]
+    return not extra_scales
+
+
+def _check_buffer(value: Any, key: str, param: Tensor, where: str, scales: Any = None) -> None:
     if not isinstance(value, Tensor):
         raise ValueError(f"{where}: state['{key}'] is a {type(value).__name__}, not a tensor")
     if value.layout is not torch.strided or value.is_neg() or value.is_conj():
@@ -85,6 +147,11 @@ def _check_buffer(value: Any, key: str, param: Tensor, where: str) -> None:
             f"{where}: state['{key}'] must be a dense tensor without a conjugate or negative bit "
             f"(got a {value.layout} tensor{', with such a bit' if value.is_neg() or value.is_conj() else ''})"
         )
+    if value.dtype == torch.uint8:
+        _check_codes(value, key, param, where, scales)
+        return
+    if scales is not None:
+        raise ValueError(f"{where}: state['{key}_scale'] belongs to int8 codes, but state['{key}'] is {value.dtype}")
     if value.shape != param.shape:
         raise ValueError(
             f"{where}: state['{key}'] has shape {tuple(value.shape)}, the parameter has shape {tuple(param.shape)}"
@@ -100,6 +167,40 @@ def _check_buffer(value: Any, key: str, param: Tensor, where: str) -> None:
         raise ValueError(
             f"{where}: state['{key}'] has dtype {value.dtype}, the parameter {param.dtype} "
             "(torch does not cast complex state)"
+        )
+
+
+def _check_codes(codes: Tensor, key: str, param: Tensor, where: str, scales: Any) -> None:
+    """int8 state: codes of the parameter's shape and their per-block float32 scales (a
+    DTensor's: a (shards, blocks) DTensor whose local row covers the local shard)."""
+    if param.is_complex() or not param.is_floating_point():
+        raise ValueError(f"{where}: state['{key}'] holds int8 codes, which cannot be state for a {param.dtype} parameter")
+    if codes.shape != param.shape:
+        raise ValueError(
+            f"{where}: state['{key}'] has shape {tuple(codes.shape)}, the parameter has shape {tuple(param.shape)}"
+        )
+    if not isinstance(scales, Tensor) or scales.dtype != torch.float32:
+        got = scales.dtype if isinstance(scales, Tensor) else type(scales).__name__
+        raise ValueError(f"{where}: state['{key}'] holds int8 codes: state['{key}_scale'] must be a float32 tensor, got {got}")
+    if lowbit.is_dtensor(param) != lowbit.is_dtensor(scales) or lowbit.is_dtensor(param) != lowbit.is_dtensor(codes):
+        raise ValueError(
+            f"{where}: state['{key}'] is int8 state saved {'with' if lowbit.is_dtensor(scales) else 'without'} sharding "
+            f"and the parameter is {'' if lowbit.is_dtensor(param) else 'not '}a DTensor: int8 blocks are cut from "
+            "each rank's shard, so int8 state loads only at the sharding it was saved with (save it with "
+            "state_dtype=torch.float32 or bfloat16 to reshard)"
+        )
+    local = codes.to_local() if lowbit.is_dtensor(codes) else codes
+    local_scales = scales.to_local() if lowbit.is_dtensor(scales) else scales
+    if local_scales.layout is not torch.strided:
+        raise ValueError(f"{where}: state['{key}_scale'] must be a dense tensor, got a {local_scales.layout} one")
+    if local_scales.numel() and not bool((torch.isfinite(local_scales) & (local_scales >= 0)).all()):
+        raise ValueError(f"{where}: state['{key}_scale'] holds a negative or non-finite scale (a corrupted checkpoint?)")
+    blocks = lowbit.n_blocks(local.numel())
+    ok = local_scales.numel() >= blocks if lowbit.is_dtensor(scales) else tuple(scales.shape) == (blocks,)
+    if not ok:
+        raise ValueError(
+            f"{where}: state['{key}_scale'] has shape {tuple(local_scales.shape)}; the {local.numel()} codes "
+            f"{'of this shard ' if lowbit.is_dtensor(codes) else ''}need {blocks} scales (one per block of {lowbit.BLOCK})"
         )
 
 

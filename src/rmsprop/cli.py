@@ -133,6 +133,8 @@ def _bench(args: argparse.Namespace) -> int:
         configs=args.configs,
         compile_torch=not args.no_compile,
         first_step=not args.no_first_step,
+        state_formats=not args.no_state,
+        state_only=args.state_only,
     )
     if "first_step" in results:
         f = results["first_step"]
@@ -145,6 +147,8 @@ def _bench(args: argparse.Namespace) -> int:
     for path in save(results, out, plot=args.plot):
         print(f"wrote {path}")
     print(f"{len(results['configs'])} configurations in {results['seconds']} s")
+    if results.get("state_formats"):
+        print(f"state formats: {len(results['state_formats'])} configurations (bench.md's last tables)")
     return 0
 
 
@@ -303,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile-d torch optimizer")
     bench.add_argument(
         "--no-first-step", action="store_true", help="skip the fresh-process first-step timing"
+    )
+    bench.add_argument("--no-state", action="store_true", help="skip the fp32 / bf16 / int8 state_dtype rows")
+    bench.add_argument(
+        "--state-only", action="store_true", help="only the state_dtype rows (10x1M fp32: step time, bytes)"
     )
     bench.set_defaults(run=_bench)
 

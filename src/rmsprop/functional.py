@@ -30,6 +30,7 @@ dtype, device, dense layout), and inference tensors outside inference mode.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -41,17 +42,22 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach, _get_capturable_supported_devices
 
-from . import sparse
+from . import lowbit, sparse
 from .backends import fused_cpu, fused_triton
 from .backends.foreach import rmsprop_foreach
 from .backends.fused_cpu import FusedCache
+from .backends.lowbit import rmsprop_lowbit
 from .backends.single import rmsprop_single
+from .options import STATE_DTYPES
 from .rule import Rule
 
 __all__ = ["rmsprop", "prepare", "FusedCache"]
 
 Backend = Callable[..., None]
 Lists = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
+# Per-block scales of int8 state: (square_avg / grad_var, grad_avg, momentum_buffer), each a list
+# aligned with the parameters (None where that buffer is not int8) or empty when unused.
+Scales = tuple[list, list, list]
 _LIST_NAMES = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")
 _SHAPE, _DTYPE, _DEVICE, _LAYOUT = (operator.attrgetter(a) for a in ("shape", "dtype", "device", "layout"))
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -79,6 +85,10 @@ def _check_arguments(lists: Lists, lr, rule, grad_scale, found_inf) -> float | T
     use it (a one-element tensor squeezed to 0-d)."""
     if not isinstance(rule, Rule):
         raise TypeError(f"rule must be a rmsprop.rule.Rule, got {type(rule).__name__}")
+    if not any(rule.state_dtype is sd or (isinstance(sd, str) and rule.state_dtype == sd) for sd in STATE_DTYPES):
+        raise ValueError(
+            f'rule.state_dtype must be None, torch.float32, torch.bfloat16 or "int8", got {rule.state_dtype!r}'
+        )
     for name, lst in zip(_LIST_NAMES, lists, strict=True):
         if not isinstance(lst, (list, tuple)):
             raise TypeError(f"{name} must be a list of tensors, got {type(lst).__name__}")
@@ -111,12 +121,15 @@ def _check_arguments(lists: Lists, lr, rule, grad_scale, found_inf) -> float | T
     return lr
 
 
-def _check_torch_tensors(lists: Lists, capturable: bool, positions: list[int] | None = None) -> None:
+def _check_torch_tensors(
+    lists: Lists, capturable: bool, positions: list[int] | None = None, state: bool = True
+) -> None:
     """What torch's op paths would trip over half-way through a step, checked before it starts:
-    every entry a tensor; gradients dense; each gradient and state tensor with its parameter's
-    sizes, dtype and device; parameters and state strided and without a conjugate or negative
-    bit (torch's paths write through such views only partly); step counters one-element
-    float32/float64 tensors; nothing written an inference tensor outside inference mode."""
+    every entry a tensor; gradients dense; each gradient and (``state``) state tensor with its
+    parameter's sizes, dtype and device; parameters and state strided and without a conjugate or
+    negative bit (torch's paths write through such views only partly); step counters one-element
+    float32/float64 tensors; nothing written an inference tensor outside inference mode. (The
+    sizes, dtypes and devices of low-bit state are checked by :func:`_lowbit_formats`.)"""
     params, grads = lists[0], lists[1]
     if not params:
         return
@@ -142,7 +155,7 @@ def _check_torch_tensors(lists: Lists, capturable: bool, positions: list[int] | 
             f"(parameter {at(i)} of shape {tuple(params[i].shape)} has a {grads[i].layout} .grad); nothing was updated"
         )
     shapes, dtypes, devices = list(map(_SHAPE, params)), list(map(_DTYPE, params)), list(map(_DEVICE, params))
-    for name, lst in zip(_LIST_NAMES[1:5], lists[1:5], strict=True):
+    for name, lst in zip(_LIST_NAMES[1:5], lists[1:5] if state else lists[1:2], strict=False):
         if not lst:
             continue
         for what, mine, theirs in (
@@ -194,11 +207,13 @@ def _torch_op_backend(params: list[Tensor], foreach: bool | None, differentiable
 
 
 def _torch_step(
-    lists: Lists, backend: Backend, grad_scale, found_inf, positions: list[int] | None = None, **kwargs
+    lists: Lists, backend: Backend, grad_scale, found_inf, positions: list[int] | None = None, checked: bool = False,
+    **kwargs,
 ) -> Callable[[], None]:
     """A torch-op backend with GradScaler's contract: skip on inf, else unscale the grads in place
-    by the float32 reciprocal of the scale, exactly as GradScaler.unscale_ does."""
-    if not torch.compiler.is_compiling():
+    by the float32 reciprocal of the scale, exactly as GradScaler.unscale_ does. ``checked``:
+    the caller has validated the tensors."""
+    if not torch.compiler.is_compiling() and not checked:
         _check_torch_tensors(lists, kwargs["capturable"], positions)
     if backend is rmsprop_foreach and kwargs["differentiable"]:
         raise ValueError("foreach=True does not support differentiable=True; use foreach=False")
@@ -270,6 +285,7 @@ def prepare(
     cache: FusedCache | None = None,
     check_now: bool = True,
     lazy_sparse: bool = False,
+    scales: Scales | None = None,
 ) -> Callable[[], None]:
     """Validate one RMSProp step over these lists and return the function that applies it.
 
@@ -280,12 +296,19 @@ def prepare(
     """
     lists: Lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
     if torch.compiler.is_compiling():
+        if rule.state_dtype is not None:
+            return _compiled_lowbit(lists, scales, lr, rule, capturable, grad_scale, found_inf)
         return _compiled(
             lists, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf, lazy_sparse
         )
     lr = _check_arguments(lists, lr, rule, grad_scale, found_inf)
     if not params:
         return _nothing
+    if lazy_sparse and (rule.state_dtype is not None or scales is not None):
+        raise ValueError(
+            "lazy_sparse=True does not support a state_dtype (lazy rows update the state row by row; "
+            "low-bit blocks are cut across rows); nothing was updated"
+        )
     if not all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided))):
         # sparse gradients become dense work here, before any backend is chosen
         chosen = [i for i, g in enumerate(grads) if g.layout is not torch.strided]
@@ -298,6 +321,9 @@ def prepare(
             )  # fmt: skip
         grads = sparse.densify(grads, chosen)
         lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)
+    if rule.state_dtype is not None or scales is not None:
+        return _prepare_lowbit(lists, scales, lr, rule, foreach, fused, differentiable, capturable,
+                               grad_scale, found_inf, cache, check_now)  # fmt: skip
     kwargs = {"lr": lr, "rule": rule, "differentiable": differentiable, "capturable": capturable}
     if (fused is True or (fused is None and foreach is None and not differentiable)) and fused_triton.takes(
         params[0]
@@ -511,6 +537,150 @@ def _compiled(
 
     return run
 
+# ----------------------------------------------------------------------------- low-bit state
+def _check_scales(scales, n: int, rule: Rule) -> Scales:
+    if scales is None:
+        return ([], [], [])
+    if not isinstance(scales, (list, tuple)) or len(scales) != 3:
+        raise TypeError("scales must be three lists (square_avg / grad_var, grad_avg, momentum_buffer)")
+    out = []
+    for name, lst in zip(("square_avg", "grad_avg", "momentum_buffer"), scales, strict=True):
+        if not isinstance(lst, (list, tuple)) or (lst and len(lst) != n):
+            raise ValueError(f"the scales of {name} must be a list of {n} entries (tensors or None)")
+        out.append(list(lst))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _lowbit_formats(lists: Lists, scales: Scales, rule: Rule, positions: list[int] | None = None) -> list[str]:
+    """Each record's state format (see :mod:`rmsprop.lowbit`), checked against the rule's
+    ``state_dtype`` before anything is written: RuntimeError naming the record otherwise
+    (``positions``: the records' indices in the caller's lists, for the message)."""
+    params = lists[0]
+    buffers = [(lists[2], scales[0], "square_avg")]
+    if rule.centered:
+        buffers.append((lists[3], scales[1], "grad_avg"))
+    if rule.momentum > 0:
+        buffers.append((lists[4], scales[2], "momentum_buffer"))
+    formats = []
+    for i, p in enumerate(params):
+        try:
+            fmt = lowbit.check_record(p, [(t[i], s[i] if s else None, key) for t, s, key in buffers], rule)
+        except ValueError as exc:
+            at = positions[i] if positions is not None else i
+            raise RuntimeError(
+                f"parameter {at} (shape {tuple(p.shape)}, {p.dtype}): {exc}; nothing was updated"
+            ) from None
+        formats.append(fmt)
+    return formats
+
+
+def _local_scales(lists: Lists, local: Lists, scales: Scales) -> Scales:
+    """The scales of DTensor int8 state as this rank's 1-D views (see lowbit.local_scales)."""
+    if local is lists:
+        return scales
+    return tuple(
+        [None if s is None else lowbit.local_scales(s, local[0][i].numel()) for i, s in enumerate(lst)]
+        for lst in scales
+    )  # type: ignore[return-value]
+
+
+def _subset_scales(scales: Scales, indices: list[int]) -> Scales:
+    return tuple([lst[i] for i in indices] if lst else [] for lst in scales)  # type: ignore[return-value]
+
+
+def _prepare_lowbit(lists, scales, lr, rule, foreach, fused, differentiable, capturable, grad_scale, found_inf,
+                    cache, check_now) -> Callable[[], None]:  # fmt: skip
+    """A step with a ``state_dtype``: records in the parameter's dtype ("same") take torch's
+    paths as without one; the others the low-bit torch-op backend or the fused kernel. Every
+    record is validated before the returned step writes anything."""
+    if differentiable:
+        raise ValueError("differentiable=True does not support a state_dtype (rounding the state is not differentiable)")
+    if fused is True and capturable:
+        raise RuntimeError("fused=True does not support capturable=True")
+    params = lists[0]
+    scales = _check_scales(scales, len(params), rule)
+    local = _local_shards(lists)
+    if local is not lists and any(map(lowbit.is_dtensor, local[0])):
+        raise RuntimeError(
+            f"state_dtype={rule.state_dtype!r} with DTensor parameters needs each parameter, its gradient and "
+            "state in one placement (the local shards are stepped); nothing was updated"
+        )
+    local_scales = _local_scales(lists, local, scales)
+    kwargs = {"lr": lr, "rule": rule, "differentiable": False, "capturable": capturable}
+
+    def torch_path(indices: list[int]) -> Callable[[], None]:
+        # the kernel validates its own records; these are checked here, before anything runs
+        sub = _subset(local, indices)
+        sub_formats = _lowbit_formats(sub, _subset_scales(local_scales, indices), rule, indices)
+        formats = dict(zip(indices, sub_formats, strict=True))
+        same = [i for i in indices if formats[i] == "same"]
+        low = [i for i in indices if formats[i] != "same"]
+        runs = []
+        if same:
+            chosen = _subset(lists, same)
+            backend = rmsprop_foreach if foreach is None else _torch_op_backend(chosen[0], foreach, False)
+            complex_ = any(torch.is_complex(p) for p in chosen[0])
+            runs.append(_torch_step(chosen, backend, grad_scale, found_inf, same, has_complex=complex_, **kwargs))
+        if low:
+            chosen = _subset(local, low)
+            _check_torch_tensors(chosen, capturable, low, state=False)
+            backend = functools.partial(
+                rmsprop_lowbit,
+                formats=[formats[i] for i in low],
+                scales=_subset_scales(local_scales, low),
+                positions=low,
+            )
+            runs.append(_torch_step(chosen, backend, grad_scale, found_inf, low, checked=True, **kwargs))
+        if len(runs) == 1:
+            return runs[0]
+
+        def both() -> None:
+            for run in runs:
+                run()
+
+        return both
+
+    wants_fused = fused is True or (fused is None and foreach is None and not capturable)
+    on_cpu = params[0].is_cpu or any(p.is_cpu for p in params)
+    if wants_fused and on_cpu and fused_cpu.is_available():
+        return fused_cpu.prepare(
+            local,
+            lr=float(lr),
+            rule=rule,
+            kinds=fused_cpu.ALL_KINDS if fused else fused_cpu.default_kinds(),
+            required=bool(fused),
+            cache=cache,
+            torch_path=torch_path,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            check_now=check_now,
+            scales=local_scales,
+        )
+    if fused is True:
+        reason = (f"the parameters are on {params[0].device}" if not on_cpu
+                  else f"the fused CPU kernel is unavailable: {fused_cpu.load_error()}")  # fmt: skip
+        raise RuntimeError(f"fused=True: {reason}")
+    if wants_fused and on_cpu:
+        _warn_unavailable_once()
+    return torch_path(list(range(len(params))))
+
+
+def _eager_lowbit_step(lists, scales, lr, rule, capturable, grad_scale, found_inf) -> None:
+    prepare(
+        *lists, lr=lr, rule=rule, capturable=capturable, grad_scale=grad_scale, found_inf=found_inf,
+        scales=scales, check_now=False,
+    )()  # fmt: skip
+
+
+def _compiled_lowbit(lists, scales, lr, rule, capturable, grad_scale, found_inf):
+    """Under torch.compile with a state_dtype: the step runs eagerly, outside the graph (dynamo's
+    disable, applied here so that importing rmsprop does not import dynamo), exactly as it
+    would without compile. (Traced by Inductor, the torch-op path's integer bit arithmetic gave
+    wrong int8 momentum buffers and centered variances on torch 2.13's CPU backend, where
+    bf16 state matched: until that is understood, nothing low-bit is traced.)"""
+    eager = torch.compiler.disable(_eager_lowbit_step)
+    return lambda: eager(lists, scales, lr, rule, capturable, grad_scale, found_inf)
+
 
 def leftover_step(lists: Lists, indices: list[int], *, lr, rule: Rule, grad_scale, found_inf) -> Callable[[], None]:
     """The step, on torch's foreach path, of the records the fused kernel declined (used by the
@@ -543,6 +713,7 @@ def rmsprop(
     found_inf: Tensor | None = None,
     cache: FusedCache | None = None,
     lazy_sparse: bool = False,
+    scales: Scales | None = None,
 ) -> None:
     r"""Apply one RMSProp step (see :class:`rmsprop.rule.Rule` for the formula) in place.
 
@@ -554,10 +725,15 @@ def rmsprop(
     across steps (the fused kernel then revalidates cheaply instead of from scratch).
     ``lazy_sparse``: what a sparse gradient does (see :mod:`rmsprop.sparse`). Raises before
     writing anything when an input is invalid (see the module docstring).
+
+    With ``rule.state_dtype`` set, the state tensors are in that format (see
+    :mod:`rmsprop.lowbit`): for ``"int8"`` the buffer lists hold the uint8 codes and ``scales``
+    their per-block float32 scales; with centered and a bf16 / int8 format ``square_avgs``
+    holds the variance ``grad_var``.
     """
     prepare(
         params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
         lr=lr, rule=rule, foreach=foreach, fused=fused, differentiable=differentiable, capturable=capturable,
         has_complex=has_complex, grad_scale=grad_scale, found_inf=found_inf, cache=cache, check_now=False,
-        lazy_sparse=lazy_sparse,
+        lazy_sparse=lazy_sparse, scales=scales,
     )()  # fmt: skip

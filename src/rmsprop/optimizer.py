@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype, _use_grad_for_differentiable
 
-from . import functional
+from . import functional, lowbit
 from .checkpoint import prepare_state_dict
 from .options import DEFAULTS, OPTIONS, migrate_group, validate_group
 from .rule import Rule
@@ -30,6 +30,18 @@ _STATE_GETTERS = {
 }
 _NO_STATE = MappingProxyType({})
 D = DEFAULTS
+
+
+def _has_format(state, keys: list[str], dtype: torch.dtype) -> bool:
+    """Whether ``state`` holds every buffer of ``keys`` with storage ``dtype`` (uint8: int8 codes,
+    each with its scales)."""
+    for key in keys:
+        t = state.get(key)
+        if not isinstance(t, Tensor) or t.dtype != dtype:
+            return False
+        if dtype == torch.uint8 and key + "_scale" not in state:
+            return False
+    return True
 
 
 class RMSprop(Optimizer):
@@ -82,6 +94,16 @@ class RMSprop(Optimizer):
             With ``centered`` and :math:`v_0 = 0`, the corrected variance at :math:`t=1` is
             :math:`g^2 - g^2 = 0`, so the first update is :math:`g/\epsilon` (optax behaves the
             same): prefer ``initial_square_avg > 0`` or a larger ``eps`` with that combination.
+        state_dtype: how ``square_avg``, ``grad_avg`` and ``momentum_buffer`` are stored (the
+            math stays float32): ``None`` (default) the parameter's dtype, as torch;
+            ``torch.float32``; ``torch.bfloat16`` (2 bytes, stochastic rounding);
+            ``"int8"`` (blockwise 8-bit codes with a float32 scale per 256 elements, about 1.02
+            bytes per element and buffer). See :mod:`rmsprop.lowbit` for the formats, and for
+            centered, which then keeps the variance itself (state key ``grad_var``). Real
+            floating parameters only; a checkpoint is converted to this optimizer's format when
+            loaded (both ways).
+        int8_min_numel: with ``state_dtype="int8"``, tensors of fewer elements keep float32
+            state (float64 for float64 parameters). Default 4096.
         lazy_sparse: what a sparse gradient (``nn.Embedding(sparse=True)``) does. ``False``
             (default): exactly what its dense equivalent ``grad.to_dense()`` does, on every
             backend, bit for bit. ``True``: TensorFlow's lazy rows (``SparseApplyRMSProp``):
@@ -122,6 +144,8 @@ class RMSprop(Optimizer):
         lr_in_momentum: bool = D["lr_in_momentum"],
         initial_square_avg: float = D["initial_square_avg"],
         bias_correction: bool = D["bias_correction"],
+        state_dtype: torch.dtype | str | None = D["state_dtype"],
+        int8_min_numel: int = D["int8_min_numel"],
         lazy_sparse: bool = D["lazy_sparse"],
     ) -> None:
         arguments = locals()
@@ -143,6 +167,11 @@ class RMSprop(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         checked = validate_group({**self.defaults, **param_group})
+        if checked["state_dtype"] is not None:
+            params = param_group.get("params")
+            for p in [params] if isinstance(params, Tensor) else list(params or ()):
+                if isinstance(p, Tensor):
+                    lowbit.target(checked["state_dtype"], checked["int8_min_numel"], p)  # complex: refused
         super().add_param_group({**param_group, **{k: checked[k] for k in param_group if k in checked}})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -166,7 +195,12 @@ class RMSprop(Optimizer):
         is cast to the parameter's, as torch does), each step counter. On any problem it raises
         and the optimizer is left as it was. A torch checkpoint (no ``fused`` key) keeps the
         kernel choice this optimizer was built with."""
-        super().load_state_dict(prepare_state_dict(self.param_groups, state_dict))
+        prepared, held_back = prepare_state_dict(self.param_groups, state_dict)
+        super().load_state_dict(prepared)
+        # state in a format torch's loader would cast to the parameter's dtype (bf16 / int8 /
+        # float32 state of a bf16 parameter) was checked and converted above; it goes in as is
+        for param, entry in held_back.items():
+            self.state[param] = entry
         self._fused_cache.clear()
 
     def share_memory(self) -> RMSprop:
@@ -209,6 +243,8 @@ class RMSprop(Optimizer):
             # fused optimizers (the CUDA kernel then counts steps without the host)
             device = p.device if group["capturable"] or group["fused"] is True else None
             state["step"] = torch.zeros((), dtype=_get_scalar_dtype(), device=device)
+        if group["state_dtype"] is not None:
+            return lowbit.new_entry(group, p, state)
         if "square_avg" not in state:
             sq = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["initial_square_avg"] != 0:
@@ -226,6 +262,8 @@ class RMSprop(Optimizer):
     ) -> tuple[list[Tensor], ...]:
         """The group's lists; state a parameter lacks is created into ``created``, not yet into
         ``self.state`` (so a step that raises leaves no half-built state behind)."""
+        if group["state_dtype"] is not None:
+            return self._gather_lowbit(group, created)
         wanted = ["step", "square_avg"]
         if group["momentum"] > 0:
             wanted.append("momentum_buffer")
@@ -266,6 +304,40 @@ class RMSprop(Optimizer):
                     for key in wanted:
                         columns[key][i] = new[key]
         return {"params": params, "grads": grads, **columns}
+
+    def _gather_lowbit(self, group, created) -> tuple[list, ...]:
+        """The lists of a group with a ``state_dtype``, and a seventh item: the int8 scales of
+        each buffer (None for float buffers). Each parameter's buffers are in its format (see
+        :mod:`rmsprop.lowbit`); state in another format (``state_dtype`` or
+        ``int8_min_numel`` changed since it was made) is converted, into ``created`` like new
+        state (under torch.compile, directly, as ``_init_group`` does)."""
+        centered, momentum = group["centered"], group["momentum"] > 0
+        params, grads, steps = [], [], []
+        buffers: tuple[list, list, list] = ([], [], [])
+        scales: tuple[list, list, list] = ([], [], [])
+        slots = [0] + ([1] if centered else []) + ([2] if momentum else [])
+        compiling = torch.compiler.is_compiling()
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state.get(p, _NO_STATE)
+            fmt, dtype = lowbit.target(group["state_dtype"], group["int8_min_numel"], p)
+            keys = lowbit.buffer_keys(fmt, centered, momentum)
+            if "step" not in state or not _has_format(state, keys, dtype):
+                if lowbit.entry_format(state) is not None and not _has_format(state, keys[:1], dtype):
+                    state = lowbit.from_float(lowbit.to_float(state, p, group), p, group, state)
+                state = self._new_state(group, p, state)
+                if compiling:
+                    self.state[p] = state
+                else:
+                    created[p] = state
+            steps.append(state["step"])
+            for slot, key in zip(slots, keys, strict=True):
+                buffers[slot].append(state[key])
+                scales[slot].append(state.get(key + "_scale"))
+        return (params, grads, *buffers, steps, scales)
 
     def _init_group(self, group, params, grads, square_avgs, grad_avgs, momentum_buffers, steps) -> bool:
         """torch's hook, by torch's name and signature: append the group's tensors to the lists,
@@ -323,7 +395,8 @@ class RMSprop(Optimizer):
         single = len(work) == 1
         steps = [
             functional.prepare(
-                *lists,
+                *lists[:6],
+                scales=lists[6] if len(lists) > 6 else None,
                 lr=group["lr"],
                 rule=Rule.from_group(group),
                 foreach=group["foreach"],

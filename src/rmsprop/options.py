@@ -31,6 +31,7 @@ __all__ = [
     "BY_NAME",
     "DEFAULTS",
     "RULE_OPTIONS",
+    "STATE_DTYPES",
     "KEEP",
     "REQUIRED",
     "normalize",
@@ -50,12 +51,16 @@ class Option:
     """One hyperparameter or switch.
 
     ``kind``: ``"lr"`` (a real number or a one-element tensor), ``"number"`` (a real number;
-    numpy scalars accepted and stored as Python numbers), ``"flag"`` (True/False) or
-    ``"tristate"`` (None/True/False). ``lower``/``upper`` bound a number (inclusive); numbers are
-    always finite. ``torch``: an argument of ``torch.optim.RMSprop`` (in its order). ``missing``:
-    the value a checkpoint without the key gets (torch's ``__setstate__`` value for torch's keys,
-    the value that reproduces the old algorithm for ours). ``rule``: part of the update's
-    :class:`~rmsprop.rule.Rule`, read by every backend.
+    numpy scalars accepted and stored as Python numbers), ``"count"`` (an integer >= 0),
+    ``"flag"`` (True/False), ``"tristate"`` (None/True/False) or ``"state_dtype"`` (None,
+    ``torch.float32``, ``torch.bfloat16`` or ``"int8"``; the strings ``"float32"`` and
+    ``"bfloat16"`` are accepted and stored as the dtypes). ``lower``/``upper`` bound a number
+    (inclusive); numbers are always finite. ``torch``: an argument of ``torch.optim.RMSprop`` (in
+    its order). ``missing``: the value a checkpoint without the key gets (torch's
+    ``__setstate__`` value for torch's keys, the value that reproduces the old algorithm for
+    ours). ``own_on_load``: ``load_state_dict`` keeps the optimizer's own value whatever the
+    checkpoint says (a storage choice, not part of the algorithm: the state is converted to it).
+    ``rule``: part of the update's :class:`~rmsprop.rule.Rule`, read by every backend.
     """
 
     name: str
@@ -67,10 +72,19 @@ class Option:
     rule: bool = False
     lower: float | None = None
     upper: float | None = None
+    own_on_load: bool = False
 
     def check(self, value: Any) -> Any:
         """The value, normalized (numpy scalars to Python numbers); TypeError or ValueError
         naming the option when it is not acceptable."""
+        if self.kind == "state_dtype":
+            return _state_dtype(value)
+        if self.kind == "count":
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{self.name} must be an integer >= 0, got {value!r} ({type(value).__name__})")
+            if value < 0:
+                raise ValueError(f"Invalid {self.name}: {value} ({self.name} must be >= 0)")
+            return int(value)
         if self.kind == "tristate":
             if value is None:
                 return None
@@ -109,6 +123,23 @@ def _flag(name: str, value: Any, allowed: str = "True or False") -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+
+
+# The state formats: None keeps torch's (the parameter's dtype), the others are this library's.
+STATE_DTYPES: tuple[Any, ...] = (None, torch.float32, torch.bfloat16, "int8")
+_STATE_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": "int8"}
+
+
+def _state_dtype(value: Any) -> Any:
+    if isinstance(value, str) and value in _STATE_DTYPE_NAMES:
+        return _STATE_DTYPE_NAMES[value]
+    if value is None or (isinstance(value, torch.dtype) and value in STATE_DTYPES):
+        return value
+    int8 = isinstance(value, torch.dtype) and value in (torch.int8, torch.uint8)
+    hint = ' (8-bit state is state_dtype="int8": blockwise codes with a scale per block)' if int8 else ""
+    raise (TypeError if not isinstance(value, (str, torch.dtype)) else ValueError)(
+        f"state_dtype must be None, torch.float32, torch.bfloat16 or \"int8\", got {value!r}{hint}"
+    )
 
 
 def _number(name: str, value: Any) -> float:
@@ -153,6 +184,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("initial_square_avg", 0.0, "number", "the starting value v₀ of E[g²]", missing=0.0, lower=0.0),
     Option("bias_correction", False, "flag", "divide the averages by 1 − ρᵗ (optax)", missing=False,
            rule=True),
+    Option("state_dtype", None, "state_dtype",
+           "storage of square_avg, grad_avg, momentum_buffer: None (the parameter's dtype, as torch), "
+           "torch.float32, torch.bfloat16 (stochastic rounding) or \"int8\" (blockwise 8-bit codes)",
+           missing=KEEP, rule=True, own_on_load=True),
+    Option("int8_min_numel", 4096, "count",
+           "with state_dtype=\"int8\", tensors of fewer elements keep float32 state (float64 for float64)",
+           missing=KEEP, own_on_load=True),
     # Read before dispatch (functional.prepare), not by the dense update: not part of the Rule.
     Option("lazy_sparse", False, "flag", "a sparse gradient updates only its rows (TF's SparseApplyRMSProp)",
            missing=False),
@@ -182,6 +220,11 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                RuntimeError),
     Constraint(lambda g: not (g["fused"] and g["differentiable"]),
                "fused=True does not support differentiable=True", RuntimeError),
+    Constraint(lambda g: g["state_dtype"] is None or not g["differentiable"],
+               "differentiable=True does not support a state_dtype (rounding the state is not differentiable)"),
+    Constraint(lambda g: g["state_dtype"] is None or not g["lazy_sparse"],
+               "lazy_sparse=True does not support a state_dtype (lazy rows update the state row by row; "
+               "low-bit blocks are cut across rows)"),
     # Lazy rows: a row's average holds only the steps that touched it, so the per-step factor
     # 1 - alpha^t (t the parameter's step) would correct it for steps it never saw.
     Constraint(lambda g: not (g["lazy_sparse"] and g["bias_correction"]),
@@ -224,9 +267,12 @@ def validate_group(group: Mapping[str, Any], where: str = "") -> dict[str, Any]:
 
 def migrate_group(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
     """A saved group completed with the values that reproduce its algorithm for keys it lacks
-    (a torch checkpoint, or one from an older version); ``current`` supplies the KEEP ones."""
+    (a torch checkpoint, or one from an older version); ``current`` supplies the KEEP ones and
+    the ``own_on_load`` ones (the optimizer's storage choices win over the checkpoint's)."""
     out = dict(saved)
     for option in OPTIONS:
-        if option.name not in out and option.missing is not REQUIRED:
+        if option.own_on_load and option.name in current:
+            out[option.name] = current[option.name]
+        elif option.name not in out and option.missing is not REQUIRED:
             out[option.name] = current[option.name] if option.missing is KEEP else option.missing
     return out

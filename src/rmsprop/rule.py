@@ -8,7 +8,7 @@ the backends' signatures short.
 
 from __future__ import annotations
 
-from dataclasses import make_dataclass
+from dataclasses import field, make_dataclass
 from typing import Any
 
 from .options import RULE_OPTIONS
@@ -43,7 +43,13 @@ _DOC = (
     """
 )
 
-_TYPES = {"number": float, "flag": bool}
+
+def _state_dtype(value: Any) -> Any:
+    return value  # already normalized by the option table: None, a torch.dtype or "int8"
+
+
+_TYPES = {"number": float, "flag": bool, "state_dtype": _state_dtype}
+_ANNOTATIONS = {"number": float, "flag": bool, "state_dtype": Any}
 
 
 def _from_group(cls, group: dict[str, Any]) -> Rule:
@@ -51,9 +57,19 @@ def _from_group(cls, group: dict[str, Any]) -> Rule:
     return cls(**{o.name: _TYPES[o.kind](group[o.name]) for o in RULE_OPTIONS})
 
 
+# state_dtype (a storage choice, the last rule option) defaults to None, torch's format, so a Rule
+# spelled out with the update's options alone keeps meaning what it meant before it existed.
+_WITH_DEFAULT = {"state_dtype": None}
+assert all(o.name in _WITH_DEFAULT for o in RULE_OPTIONS[len(RULE_OPTIONS) - len(_WITH_DEFAULT) :])
+
 Rule = make_dataclass(
     "Rule",
-    [(o.name, _TYPES[o.kind]) for o in RULE_OPTIONS],
+    [
+        (o.name, _ANNOTATIONS[o.kind], field(default=_WITH_DEFAULT[o.name]))
+        if o.name in _WITH_DEFAULT
+        else (o.name, _ANNOTATIONS[o.kind])
+        for o in RULE_OPTIONS
+    ],
     frozen=True,
     namespace={"from_group": classmethod(_from_group), "__doc__": _DOC},
 )

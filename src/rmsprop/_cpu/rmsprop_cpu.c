@@ -48,7 +48,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define RMS_ABI_VERSION 3
+#define RMS_ABI_VERSION 4
 
 /* Element kinds of a record (storage dtype); complex tensors are (re, im) pairs of f32 / f64. */
 enum { RMS_F32 = 0, RMS_F64 = 1, RMS_BF16 = 2, RMS_F16 = 3, RMS_C64 = 4, RMS_C128 = 5, RMS_KINDS = 6 };
@@ -79,9 +79,14 @@ enum {
     RMS_ST_NOT_CHOSEN = 10,  /* supported, but excluded by the caller's dtype mask */
     RMS_ST_DIMS = 11,        /* more than RMS_MAX_DIMS dimensions */
     RMS_ST_STORAGE = 12,     /* its elements reach past the end of its storage (a resized storage) */
+    /* 13, 14: Python's own (a tensor subclass; a conjugate or negative bit) */
+    RMS_ST_SCALES = 15,      /* int8 state: its scales are missing, of another dtype or count, or not contiguous */
+    RMS_ST_FORMAT = 16,      /* a state format the kernel does not take for this parameter (e.g. float64 with bf16
+                              * state, int8 state of a non-contiguous parameter): the torch path steps it */
 };
 enum { RMS_T_PARAM = 0, RMS_T_GRAD = 1, RMS_T_SQUARE_AVG = 2, RMS_T_GRAD_AVG = 3, RMS_T_MOMENTUM = 4, RMS_T_STEP = 5 };
-#define RMS_STATUS(reason, which) ((int8_t)((reason) | ((which) << 4)))
+/* a status byte: the reason in the low 5 bits, the tensor (RMS_T_*) in the high 3 */
+#define RMS_STATUS(reason, which) ((uint8_t)((reason) | ((which) << 5)))
 #define RMS_MAX_DIMS 64
 
 /* Modes of rmsprop_step. */
@@ -107,6 +112,7 @@ typedef struct {
     rms_arr_fn sizes, strides;
     rms_i64_fn storage_size, storage_offset; /* bytes of the storage; offset in elements */
     int32_t dtype_code[RMS_KINDS];    /* torch's ScalarType codes for f32, f64, bf16, f16, c64, c128 */
+    int32_t dtype_uint8;              /* ... and for uint8 (int8 state codes) */
     int32_t device_cpu, layout_strided;
 } rms_torch_api;
 
@@ -117,6 +123,9 @@ static atomic_int g_api_ready = 0;
 /* One column per list: n TensorImpl addresses (NULL column: the list is absent). */
 typedef struct {
     const int64_t *param, *grad, *square_avg, *grad_avg, *momentum_buffer, *step;
+    /* int8 state: the per-block float32 scales of each buffer (a 0 handle where a record's
+     * state is not int8) */
+    const int64_t *square_avg_scale, *grad_avg_scale, *momentum_buffer_scale;
 } rms_lists;
 
 /* The rule, field for field the Python option table's Rule (hyperparameters as double, switches
@@ -126,6 +135,7 @@ typedef struct {
     double alpha, eps, weight_decay, momentum;
     int32_t centered, maximize, eps_in_sqrt, nesterov, decoupled_weight_decay, lr_in_momentum,
         bias_correction;
+    int32_t state_dtype; /* RMS_SD_*: the option table's state_dtype (None, float32, bfloat16, "int8") */
     int32_t mode;        /* RMS_MODE_* | RMS_REQUIRE_UNCHANGED */
     int32_t dtype_mask;  /* bit k: element kind k may be stepped */
     int32_t write_back;  /* with grad_scale: store the unscaled gradient, as GradScaler.unscale_ */
@@ -133,12 +143,29 @@ typedef struct {
     const int64_t *found_inf;  /* NULL or the same: when nonzero the step is skipped */
 } rms_call;
 
+/* state_dtype codes (rms_call) and the record formats they give (see rmsprop/lowbit.py):
+ * SAME: state in the parameter's dtype (the plain loops); F32: float32 state of a bf16 / fp16
+ * parameter, nearest rounding; BF16SR: bf16 state, stochastic rounding; INT8: 256-element
+ * blocks of 8-bit codes with a float32 scale each. Centered with BF16SR / INT8 keeps the
+ * variance V (grad_var) instead of E[g^2]. */
+enum { RMS_SD_NONE = 0, RMS_SD_F32 = 1, RMS_SD_BF16 = 2, RMS_SD_INT8 = 3 };
+enum { RMS_FMT_SAME = 0, RMS_FMT_F32 = 1, RMS_FMT_BF16SR = 2, RMS_FMT_INT8 = 3 };
+#define RMS_BLOCK 256
+
+/* What one record's step needs besides the call's scalars (see the low-bit section). */
+typedef struct {
+    double inv_corr, inv_prev, k_var; /* 1/C_t, 1/C_{t-1} (0 when C_{t-1} = 0), alpha(1-alpha)C_{t-1}/C_t */
+    uint32_t key0, key1;              /* random streams: 0 for v (upper 16 bits) and m (lower), 1 for b */
+} rms_rec_scalars;
+
 /* A validated record: resolved addresses, element count (complex: float pairs), kinds. Also the
  * memory of the previous step for RMS_REQUIRE_UNCHANGED. */
 typedef struct {
     void *p, *g, *v, *m, *b, *step;
+    void *vs, *ms, *bs; /* int8 state: the buffers' scales (NULL otherwise) */
     int64_t numel;
     int32_t kind, step_kind; /* step_kind: 0 f32, 1 f64 */
+    int32_t fmt, state_size; /* RMS_FMT_*, bytes of one stored state element (codes: 1) */
     int64_t valid;
 } rms_record;
 
@@ -155,6 +182,7 @@ static const rms_field call_fields[] = {
     RMS_FIELD(rms_call, maximize),    RMS_FIELD(rms_call, eps_in_sqrt),
     RMS_FIELD(rms_call, nesterov),    RMS_FIELD(rms_call, decoupled_weight_decay),
     RMS_FIELD(rms_call, lr_in_momentum), RMS_FIELD(rms_call, bias_correction),
+    RMS_FIELD(rms_call, state_dtype),
     RMS_FIELD(rms_call, mode),        RMS_FIELD(rms_call, dtype_mask),
     RMS_FIELD(rms_call, write_back),  RMS_FIELD(rms_call, grad_scale),
     RMS_FIELD(rms_call, found_inf),
@@ -163,6 +191,8 @@ static const rms_field lists_fields[] = {
     RMS_FIELD(rms_lists, param),      RMS_FIELD(rms_lists, grad),
     RMS_FIELD(rms_lists, square_avg), RMS_FIELD(rms_lists, grad_avg),
     RMS_FIELD(rms_lists, momentum_buffer), RMS_FIELD(rms_lists, step),
+    RMS_FIELD(rms_lists, square_avg_scale), RMS_FIELD(rms_lists, grad_avg_scale),
+    RMS_FIELD(rms_lists, momentum_buffer_scale),
 };
 static const rms_field api_fields[] = {
     RMS_FIELD(rms_torch_api, struct_size),      RMS_FIELD(rms_torch_api, mutable_data_ptr),
@@ -171,7 +201,8 @@ static const rms_field api_fields[] = {
     RMS_FIELD(rms_torch_api, device_type),      RMS_FIELD(rms_torch_api, layout),
     RMS_FIELD(rms_torch_api, sizes),            RMS_FIELD(rms_torch_api, strides),
     RMS_FIELD(rms_torch_api, storage_size),     RMS_FIELD(rms_torch_api, storage_offset),
-    RMS_FIELD(rms_torch_api, dtype_code),       RMS_FIELD(rms_torch_api, device_cpu),
+    RMS_FIELD(rms_torch_api, dtype_code),       RMS_FIELD(rms_torch_api, dtype_uint8),
+    RMS_FIELD(rms_torch_api, device_cpu),
     RMS_FIELD(rms_torch_api, layout_strided),
 };
 
@@ -277,6 +308,7 @@ typedef struct {
     int64_t numel, dim;
     const int64_t *sizes, *strides;
     int32_t kind; /* RMS_F32.. or -1 for a dtype the kernel does not take */
+    int32_t is_u8; /* uint8 (int8 state codes) */
     int32_t contiguous_order; /* 1 when strides are the row-major contiguous ones */
 } rms_view;
 
@@ -317,6 +349,7 @@ static int describe(const int64_t *slot, int writable, rms_view *out) {
     out->sizes = sizes;
     out->strides = strides;
     out->kind = kind_of(dtype);
+    out->is_u8 = dtype == g_api.dtype_uint8;
     out->ptr = NULL;
     if (out->numel > 0) {
         void *ptr = NULL;
@@ -338,11 +371,12 @@ static int describe(const int64_t *slot, int writable, rms_view *out) {
     }
     /* every element must lie inside the storage: a storage resized under its tensor (or a
      * view made with as_strided) would otherwise be read and written past its end */
-    if (out->kind >= 0) {
+    if (out->kind >= 0 || out->is_u8) { /* (int8 state codes: one byte an element) */
         int64_t offset, nbytes, end;
+        const int64_t elem = out->is_u8 ? 1 : (int64_t)kind_size(out->kind);
         if (g_api.storage_offset(h, &offset) || g_api.storage_size(h, &nbytes)) return RMS_ST_TORCH;
         if (offset < 0 || __builtin_add_overflow(offset, furthest, &end) || __builtin_add_overflow(end, 1, &end) ||
-            __builtin_mul_overflow(end, (int64_t)kind_size(out->kind), &end) || end > nbytes)
+            __builtin_mul_overflow(end, elem, &end) || end > nbytes)
             return RMS_ST_STORAGE;
     }
     return 0;
@@ -380,9 +414,13 @@ static int same_shape(const rms_view *a, const rms_view *b) {
     return 1;
 }
 
-/* Validate record t and fill rec; returns 0 or a status. */
-static int8_t validate_record(const rms_lists *L, int64_t t, const rms_call *call, rms_record *rec) {
-    rms_view p, other;
+static int64_t blocks_of(int64_t numel) { return (numel + RMS_BLOCK - 1) / RMS_BLOCK; }
+
+/* Validate record t and fill rec; returns 0 or a status. With a state_dtype the record's format
+ * follows from it and the first state tensor (uint8 codes: int8; otherwise the float dtype the
+ * state_dtype keeps), and every state tensor must be in that one format. */
+static uint8_t validate_record(const rms_lists *L, int64_t t, const rms_call *call, rms_record *rec) {
+    rms_view p, other, sc;
     int r = describe(L->param ? &L->param[t] : NULL, 1, &p);
     if (r) return RMS_STATUS(r, RMS_T_PARAM);
     if (p.kind < 0) return RMS_STATUS(RMS_ST_DTYPE, RMS_T_PARAM);
@@ -390,10 +428,36 @@ static int8_t validate_record(const rms_lists *L, int64_t t, const rms_call *cal
     rec->p = p.ptr;
     rec->kind = p.kind;
     rec->numel = p.numel * ((p.kind == RMS_C64 || p.kind == RMS_C128) ? 2 : 1);
+    rec->vs = rec->ms = rec->bs = NULL;
+
+    int32_t fmt = RMS_FMT_SAME, want = p.kind; /* the state's element kind (codes: -1) */
+    const int sd = call->state_dtype;
+    if (sd != RMS_SD_NONE) {
+        if (p.kind == RMS_C64 || p.kind == RMS_C128) return RMS_STATUS(RMS_ST_DTYPE, RMS_T_PARAM);
+        r = describe(L->square_avg ? &L->square_avg[t] : NULL, 1, &other);
+        if (r) return RMS_STATUS(r, RMS_T_SQUARE_AVG);
+        const int lowp = p.kind == RMS_F32 || p.kind == RMS_BF16 || p.kind == RMS_F16;
+        if (other.is_u8) {
+            if (sd != RMS_SD_INT8) return RMS_STATUS(RMS_ST_DTYPE, RMS_T_SQUARE_AVG);
+            /* blocks follow the row-major order: a permuted layout goes to the torch path */
+            if (!lowp || !p.contiguous_order) return RMS_STATUS(RMS_ST_FORMAT, RMS_T_PARAM);
+            fmt = RMS_FMT_INT8;
+            want = -1;
+        } else {
+            want = sd == RMS_SD_F32 ? RMS_F32 : sd == RMS_SD_BF16 ? RMS_BF16 : (p.kind == RMS_F64 ? RMS_F64 : RMS_F32);
+            if (other.kind != want) return RMS_STATUS(RMS_ST_DTYPE, RMS_T_SQUARE_AVG);
+            fmt = sd == RMS_SD_BF16 ? RMS_FMT_BF16SR : (want == p.kind ? RMS_FMT_SAME : RMS_FMT_F32);
+            if (fmt != RMS_FMT_SAME && !lowp) return RMS_STATUS(RMS_ST_FORMAT, RMS_T_PARAM);
+        }
+    }
+    rec->fmt = fmt;
+    rec->state_size = fmt == RMS_FMT_INT8 ? 1 : fmt == RMS_FMT_BF16SR ? 2 : fmt == RMS_FMT_F32 ? 4 : (int32_t)storage_size(p.kind);
 
     const int64_t *const *cols[4] = {&L->grad, &L->square_avg, &L->grad_avg, &L->momentum_buffer};
+    const int64_t *const *scols[4] = {NULL, &L->square_avg_scale, &L->grad_avg_scale, &L->momentum_buffer_scale};
     const int needed[4] = {1, 1, call->centered != 0, call->momentum > 0};
     void **dest[4] = {&rec->g, &rec->v, &rec->m, &rec->b};
+    void **sdest[4] = {NULL, &rec->vs, &rec->ms, &rec->bs};
     for (int k = 0; k < 4; k++) {
         const int which = RMS_T_GRAD + k;
         *dest[k] = NULL;
@@ -403,8 +467,23 @@ static int8_t validate_record(const rms_lists *L, int64_t t, const rms_call *cal
         int writable = k > 0 || (call->write_back && call->grad_scale);
         r = describe(col ? &col[t] : NULL, writable, &other);
         if (r) return RMS_STATUS(r, which);
-        if (other.kind != p.kind) return RMS_STATUS(RMS_ST_DTYPE, which);
-        if (!same_shape(&other, &p)) return RMS_STATUS(RMS_ST_SHAPE, which);
+        const int64_t *scol = k > 0 ? *scols[k] : NULL;
+        const int has_scale = scol && scol[t];
+        if (k > 0 && fmt == RMS_FMT_INT8) {
+            if (!other.is_u8) return RMS_STATUS(RMS_ST_DTYPE, which);
+            if (!same_shape(&other, &p)) return RMS_STATUS(RMS_ST_SHAPE, which);
+            if (!has_scale) return RMS_STATUS(RMS_ST_SCALES, which);
+            r = describe(&scol[t], 1, &sc);
+            if (r) return RMS_STATUS(r == RMS_ST_MISSING ? RMS_ST_SCALES : r, which);
+            if (sc.kind != RMS_F32 || sc.dim != 1 || !sc.contiguous_order || sc.numel != blocks_of(p.numel))
+                return RMS_STATUS(RMS_ST_SCALES, which);
+            *sdest[k] = sc.ptr;
+        } else {
+            /* the gradient has the parameter's dtype, the state the format's */
+            if (other.is_u8 || other.kind != (k == 0 ? p.kind : want)) return RMS_STATUS(RMS_ST_DTYPE, which);
+            if (!same_shape(&other, &p)) return RMS_STATUS(RMS_ST_SHAPE, which);
+            if (has_scale) return RMS_STATUS(RMS_ST_SCALES, which);
+        }
         *dest[k] = other.ptr;
     }
 
@@ -413,7 +492,8 @@ static int8_t validate_record(const rms_lists *L, int64_t t, const rms_call *cal
     if (other.numel != 1 || (other.kind != RMS_F32 && other.kind != RMS_F64)) return RMS_STATUS(RMS_ST_STEP, RMS_T_STEP);
     rec->step = other.ptr;
     rec->step_kind = other.kind == RMS_F64;
-    if (!((call->dtype_mask >> p.kind) & 1)) return RMS_STATUS(RMS_ST_NOT_CHOSEN, RMS_T_PARAM);
+    /* the mask chooses which dtypes take the plain loops; low-bit formats are always fused */
+    if (fmt == RMS_FMT_SAME && !((call->dtype_mask >> p.kind) & 1)) return RMS_STATUS(RMS_ST_NOT_CHOSEN, RMS_T_PARAM);
     rec->valid = 1;
     return 0;
 }
@@ -431,21 +511,23 @@ struct rms_span_s {
 typedef struct {
     int64_t n, n_spans, spans_valid, reserved;
 } rms_memo_header;
-#define RMS_PERSISTED_PER_RECORD 5 /* p, v, m, b, step */
-/* Then the scratch of one call, so a step allocates nothing: this step's records, the bias
- * corrections, the statuses. */
+#define RMS_PERSISTED_PER_RECORD 8 /* p, v, m, b, step, and the three int8 scales */
+/* Then the scratch of one call, so a step allocates nothing: this step's records, the per-record
+ * scalars (bias corrections, low-bit weights and keys), the statuses. */
 static int64_t memo_bytes(int64_t n) {
     return (int64_t)(sizeof(rms_memo_header) + (size_t)n * sizeof(rms_record) +
                      (size_t)n * RMS_PERSISTED_PER_RECORD * sizeof(rms_span) + (size_t)n * sizeof(rms_record) +
-                     (size_t)n * sizeof(double) + (size_t)n);
+                     (size_t)n * sizeof(rms_rec_scalars) + (size_t)n);
 }
 static rms_record *memo_records(void *memo) { return (rms_record *)((rms_memo_header *)memo + 1); }
 static rms_span *memo_spans(void *memo, int64_t n) { return (rms_span *)(memo_records(memo) + n); }
 static rms_record *scratch_records(void *memo, int64_t n) {
     return (rms_record *)(memo_spans(memo, n) + (size_t)n * RMS_PERSISTED_PER_RECORD);
 }
-static double *scratch_corrections(void *memo, int64_t n) { return (double *)(scratch_records(memo, n) + n); }
-static int8_t *scratch_status(void *memo, int64_t n) { return (int8_t *)(scratch_corrections(memo, n) + n); }
+static rms_rec_scalars *scratch_scalars(void *memo, int64_t n) {
+    return (rms_rec_scalars *)(scratch_records(memo, n) + n);
+}
+static uint8_t *scratch_status(void *memo, int64_t n) { return (uint8_t *)(scratch_scalars(memo, n) + n); }
 
 /* LSD radix sort of spans by start address, 8 bits a pass; passes whose byte is the same for
  * every key are skipped (user-space addresses share their top bytes). */
@@ -470,7 +552,7 @@ static int sort_spans(rms_span *a, int64_t n) {
     return 0;
 }
 
-static void mark(int8_t *status, int64_t record, int32_t which, int64_t *marked) {
+static void mark(uint8_t *status, int64_t record, int32_t which, int64_t *marked) {
     if (status[record] == 0) {
         status[record] = RMS_STATUS(RMS_ST_OVERLAP, which);
         (*marked)++;
@@ -482,9 +564,9 @@ static void mark(int8_t *status, int64_t record, int32_t which, int64_t *marked)
  * two parameters...). With `save` (room for 5n spans), the persistent tensors' spans are kept
  * there in address order when nothing overlaps. Returns the number of records marked, or -1
  * when out of memory. */
-static int64_t mark_overlaps(const rms_record *recs, int64_t n, const rms_call *call, int8_t *status,
+static int64_t mark_overlaps(const rms_record *recs, int64_t n, const rms_call *call, uint8_t *status,
                              rms_span *save, int64_t *saved) {
-    int64_t cap = 6 * n, k = 0, marked = 0;
+    int64_t cap = (RMS_PERSISTED_PER_RECORD + 1) * n, k = 0, marked = 0;
     if (saved) *saved = 0;
     if (cap == 0) return 0;
     rms_span *spans = (rms_span *)malloc(sizeof(rms_span) * (size_t)cap);
@@ -494,11 +576,15 @@ static int64_t mark_overlaps(const rms_record *recs, int64_t n, const rms_call *
         const rms_record *r = &recs[t];
         if (!r->valid) continue;
         size_t bytes = (size_t)r->numel * storage_size(r->kind);
-        void *const ptrs[5] = {r->p, r->g, r->v, r->m, r->b};
-        for (int j = 0; j < 5; j++) {
-            if (!ptrs[j] || bytes == 0) continue;
+        size_t state_bytes = (size_t)r->numel * (size_t)r->state_size;
+        size_t scale_bytes = (size_t)blocks_of(r->numel) * sizeof(float);
+        void *const ptrs[8] = {r->p, r->g, r->v, r->m, r->b, r->vs, r->ms, r->bs};
+        for (int j = 0; j < 8; j++) {
+            size_t size = j < 2 ? bytes : j < 5 ? state_bytes : scale_bytes;
+            if (!ptrs[j] || size == 0) continue;
             uintptr_t s = (uintptr_t)ptrs[j];
-            spans[k++] = (rms_span){s, s + bytes, t, j != 1 || grad_written, j};
+            /* a scale is reported as its buffer's (2, 3, 4) */
+            spans[k++] = (rms_span){s, s + size, t, j != 1 || grad_written, j < 5 ? j : j - 3};
         }
         uintptr_t s = (uintptr_t)r->step;
         spans[k++] = (rms_span){s, s + (r->step_kind ? 8u : 4u), t, 1, RMS_T_STEP};
@@ -537,7 +623,7 @@ static int64_t mark_overlaps(const rms_record *recs, int64_t n, const rms_call *
  * persistent spans of the previous step, which are disjoint and sorted, so their ends increase
  * too and one binary search finds the only candidate. */
 static int64_t mark_grad_overlaps(const rms_record *recs, int64_t n, const rms_span *spans, int64_t k,
-                                  int8_t *status) {
+                                  uint8_t *status) {
     int64_t marked = 0;
     for (int64_t t = 0; t < n; t++) {
         const rms_record *r = &recs[t];
@@ -900,6 +986,283 @@ static void loop_lowp(int32_t kind, uint16_t *p, uint16_t *g, uint16_t *v, uint1
     else loop_f16(p, g, v, m, b, n, c, inv_corr, write_back, variant);
 }
 
+#define AT(base, off, sz) ((void *)((char *)(base) + (off) * (sz)))
+
+/* ------------------------------------------------------------------ low-bit state (rmsprop/lowbit.py)
+ * Records in the F32 / BF16SR / INT8 formats are stepped a block of RMS_BLOCK elements at a time:
+ * load the block's parameter, gradient and state into float buffers (codes dequantized with the
+ * block's scale), update them in float32, store the parameter rounded to nearest and the state
+ * in its format (int8: the block's absmax over its finite values gives the new scale, then the
+ * codes). The buffers live in L1, so memory is still read and written once per element. Every
+ * operation, its order and the random bits are those of the torch-op path
+ * (backends/lowbit.py): on the CPU both give the same bits. */
+
+RMS_INLINE uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x21f0aaadu;
+    x ^= x >> 15;
+    x *= 0x735a2d97u;
+    x ^= x >> 15;
+    return x;
+}
+static uint32_t stream_key(uint32_t step, uint32_t position, uint32_t stream) {
+    uint32_t k = mix32(step);
+    k = mix32(k ^ position);
+    return mix32(k ^ stream);
+}
+RMS_INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
+RMS_INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
+
+/* The two maps, as float bit patterns: a normal code's value has the bits (code + OFFSET) << SHIFT;
+ * below NORMAL_MIN a code is linear, code * SUB_STEP. Unsigned (v, V): E5M3, code 255 NaN, max
+ * 1.75. Signed (m, b): sign + E3M4, code 128 NaN, max 1.9375. */
+#define U8_SHIFT 20
+#define U8_OFFSET 768
+#define U8_FIRST 8
+#define U8_NORMAL_MIN 0x1p-30f
+#define U8_SUB_STEP 0x1p-33f
+#define U8_QMAX 1.75f
+#define S8_SHIFT 19
+#define S8_OFFSET 1920
+#define S8_FIRST 16
+#define S8_NORMAL_MIN 0x1p-6f
+#define S8_SUB_STEP 0x1p-10f
+#define S8_QMAX 1.9375f
+#define RMS_TINY 0x1p-100f /* a block's absmax below this is taken as this */
+
+RMS_INLINE void dequant_u8(const uint8_t *restrict c, float scale, float *restrict out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t k = c[i];
+        float normal = u2f((k + U8_OFFSET) << U8_SHIFT), sub = (float)(int32_t)k * U8_SUB_STEP;
+        float v = k >= U8_FIRST ? normal : sub;
+        v = k == 0xffu ? __builtin_nanf("") : v;
+        out[i] = v * scale;
+    }
+}
+RMS_INLINE void dequant_s8(const uint8_t *restrict c, float scale, float *restrict out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t k = c[i], a = k & 0x7fu;
+        float normal = u2f((a + S8_OFFSET) << S8_SHIFT), sub = (float)(int32_t)a * S8_SUB_STEP;
+        float v = a >= S8_FIRST ? normal : sub;
+        v = k >= 0x80u ? -v : v;
+        v = k == 0x80u ? __builtin_nanf("") : v;
+        out[i] = v * scale;
+    }
+}
+/* Quantize a block; returns its scale. r: 16 random bits per value (stochastic rounding; 0x8000
+ * everywhere rounds to nearest). Adding the random bits below the kept ones and truncating
+ * rounds up with probability equal to the dropped fraction: linear between the neighbouring
+ * codes. Written with integer masks, the float compares done on bit patterns (their order is the
+ * values' for non-negative floats), so that GCC vectorizes both loops (it gives up on selects
+ * that mix float and integer conditions, and on float max reductions without -ffast-math). */
+#define RMS_MASK(cond) (-(uint32_t)(cond))
+RMS_INLINE float quant_u8(const float *restrict x, const uint16_t *restrict r, uint8_t *restrict out, int64_t n) {
+    uint32_t top = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t u = f2u(x[i]);
+        const uint32_t m = u & RMS_MASK(u - 1u < 0x7f7fffffu); /* finite and > 0 (+0 wraps around) */
+        top = top > m ? top : m;
+    }
+    float absmax = u2f(top);
+    absmax = absmax < RMS_TINY ? RMS_TINY : absmax;
+    const float scale = absmax / U8_QMAX, inv = U8_QMAX / absmax;
+    const uint32_t normal_min = f2u(U8_NORMAL_MIN);
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t u = f2u(x[i]);
+        const uint32_t pos = RMS_MASK(u - 1u < 0x7f7fffffu), fin = RMS_MASK((u & 0x7fffffffu) < 0x7f800000u);
+        const float a = u2f(f2u(x[i] * inv) & pos); /* x / scale, or 0 for x <= 0 and non-finite x */
+        const uint32_t au = f2u(a), sub = RMS_MASK(au < normal_min);
+        /* below the normal range the codes are linear: a + NORMAL_MIN is a normal float whose
+         * mantissa holds a in steps of the subnormal codes, so one formula rounds both ranges */
+        const float z = a + u2f(normal_min & sub);
+        int32_t code = (int32_t)((f2u(z) + ((uint32_t)r[i] << (U8_SHIFT - 16))) >> U8_SHIFT) - U8_OFFSET -
+                       (int32_t)(U8_FIRST & sub);
+        code = code < 0 ? 0 : code;
+        code = code > 0xfe ? 0xfe : code;
+        /* a positive value never rounds to 0 (not even when x / scale underflows) */
+        code += (int32_t)((code == 0) & (pos != 0));
+        out[i] = (uint8_t)(((uint32_t)code & fin) | (0xffu & ~fin));
+    }
+    return scale;
+}
+RMS_INLINE float quant_s8(const float *restrict x, const uint16_t *restrict r, uint8_t *restrict out, int64_t n) {
+    uint32_t top = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t a = f2u(x[i]) & 0x7fffffffu;
+        const uint32_t m = a & RMS_MASK(a < 0x7f800000u); /* |x| of a finite x */
+        top = top > m ? top : m;
+    }
+    float absmax = u2f(top);
+    absmax = absmax < RMS_TINY ? RMS_TINY : absmax;
+    const float scale = absmax / S8_QMAX, inv = S8_QMAX / absmax;
+    const uint32_t normal_min = f2u(S8_NORMAL_MIN);
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t u = f2u(x[i]);
+        const uint32_t fin = RMS_MASK((u & 0x7fffffffu) < 0x7f800000u), neg = RMS_MASK(u >> 31);
+        const float a = u2f(f2u(u2f(u & 0x7fffffffu) * inv) & fin);
+        const uint32_t sub = RMS_MASK(f2u(a) < normal_min);
+        const float z = a + u2f(normal_min & sub);
+        int32_t code = (int32_t)((f2u(z) + ((uint32_t)r[i] << (S8_SHIFT - 16))) >> S8_SHIFT) - S8_OFFSET -
+                       (int32_t)(S8_FIRST & sub);
+        code = code < 0 ? 0 : code;
+        code = code > 0x7f ? 0x7f : code;
+        /* the sign of a nonzero code (a zero stays +0: negative zero is the NaN code) */
+        const uint32_t c = (uint32_t)code | (0x80u & neg & RMS_MASK(code > 0));
+        out[i] = (uint8_t)((c & fin) | (0x80u & ~fin));
+    }
+    return scale;
+}
+RMS_INLINE void store_bf16_sr(const float *restrict x, const uint16_t *restrict r, uint16_t *restrict out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t top = (f2u(x[i]) + (uint32_t)r[i]) >> 16;
+        out[i] = (uint16_t)(x[i] != x[i] ? 0x7fc0u : top);
+    }
+}
+
+/* float buffers <-> storage of a parameter-like kind (f32, bf16, f16): the conversions in use */
+static void load_kind(int32_t kind, const void *src, float *dst, int64_t n) {
+    if (kind == RMS_F32) memcpy(dst, src, (size_t)n * sizeof(float));
+    else if (kind == RMS_BF16) g_cvt.bf16_in((const uint16_t *)src, dst, n);
+    else g_cvt.f16_in((const uint16_t *)src, dst, n);
+}
+static void store_kind(int32_t kind, const float *src, void *dst, int64_t n) {
+    if (kind == RMS_F32) memcpy(dst, src, (size_t)n * sizeof(float));
+    else if (kind == RMS_BF16) g_cvt.bf16_out(src, (uint16_t *)dst, n);
+    else g_cvt.f16_out(src, (uint16_t *)dst, n);
+}
+
+/* One block's update in float32, the torch-op path's operations in its order. cform: 0 not
+ * centered, 1 centered in torch's form (v - m^2, clamped), 2 centered keeping the variance V. */
+RMS_INLINE void lowbit_math(float *restrict P, const float *restrict G, float *restrict V, float *restrict Mb,
+                            float *restrict B, int64_t n, const rms_scalars *c, const rms_rec_scalars *rs,
+                            int write_back, const int cform, const int mom_kind, const int coupled,
+                            const int eps_inside) {
+    const float gscale = write_back ? (float)c->sign : (float)c->inv_scale * (float)c->sign;
+    const float wd = (float)c->wd, decay = (float)c->decay, alpha = (float)c->alpha, oma = (float)c->one_minus_alpha;
+    const float eps = (float)c->eps, lr = (float)c->lr, mu = (float)c->mu, k_buf = (float)c->k_buf, k_par = (float)c->k_par;
+    const float ic = (float)rs->inv_corr, ip = (float)rs->inv_prev, kv = (float)rs->k_var;
+    for (int64_t i = 0; i < n; i++) {
+        float g = G[i] * gscale, p = P[i];
+        if (coupled) g = g + wd * p;
+        p = p * decay;
+        float v, s;
+        if (cform == 2) {
+            const float mo = Mb[i];
+            const float dlt = g - mo * ip;
+            v = alpha * V[i] + kv * dlt * dlt;
+            Mb[i] = mo + oma * (g - mo);
+            s = v * ic;
+        } else {
+            v = alpha * V[i] + oma * g * g;
+            s = v * ic;
+            if (cform == 1) {
+                const float m = Mb[i] + oma * (g - Mb[i]);
+                const float mh = m * ic;
+                s = s - mh * mh;
+                s = s < 0.0f ? 0.0f : s; /* NaN passes through */
+                Mb[i] = m;
+            }
+        }
+        V[i] = v;
+        const float u = eps_inside ? g / sqrtf(s + eps) : g / (sqrtf(s) + eps);
+        if (mom_kind == 0) {
+            p = p - lr * u;
+        } else {
+            const float b = mu * B[i] + k_buf * u;
+            const float applied = mom_kind == 2 ? k_buf * u + mu * b : b;
+            p = p - k_par * applied;
+            B[i] = b;
+        }
+        P[i] = p;
+    }
+}
+#define RMS_LB_ARGS P, G, V, Mb, B, len, c, rs, write_back
+#define RMS_LB_E(CF, K, CP, e) \
+    if (e) lowbit_math(RMS_LB_ARGS, CF, K, CP, 1); else lowbit_math(RMS_LB_ARGS, CF, K, CP, 0);
+#define RMS_LB_CP(CF, K, cp, e) \
+    if (cp) { RMS_LB_E(CF, K, 1, e) } else { RMS_LB_E(CF, K, 0, e) }
+#define RMS_LB_K(CF, k, cp, e) \
+    if (k == 0) { RMS_LB_CP(CF, 0, cp, e) } else if (k == 1) { RMS_LB_CP(CF, 1, cp, e) } else { RMS_LB_CP(CF, 2, cp, e) }
+#define RMS_LB_EXPAND(cf, k, cp, e) \
+    if (cf == 0) { RMS_LB_K(0, k, cp, e) } else if (cf == 1) { RMS_LB_K(1, k, cp, e) } else { RMS_LB_K(2, k, cp, e) }
+
+/* Load one state buffer's block (codes with the block's scale), store it back in its format. */
+RMS_INLINE void load_state(const rms_record *x, const void *base, const float *scales, int signed_map, int64_t i0,
+                       float *dst, int64_t n) {
+    if (x->fmt == RMS_FMT_INT8) {
+        const uint8_t *codes = (const uint8_t *)base + i0;
+        float scale = scales[i0 / RMS_BLOCK];
+        if (signed_map) dequant_s8(codes, scale, dst, n);
+        else dequant_u8(codes, scale, dst, n);
+    } else if (x->fmt == RMS_FMT_BF16SR) {
+        g_cvt.bf16_in((const uint16_t *)base + i0, dst, n);
+    } else {
+        memcpy(dst, (const float *)base + i0, (size_t)n * sizeof(float));
+    }
+}
+RMS_INLINE void store_state(const rms_record *x, void *base, float *scales, int signed_map, int64_t i0,
+                        const float *src, const uint16_t *r, int64_t n) {
+    if (x->fmt == RMS_FMT_INT8) {
+        uint8_t *codes = (uint8_t *)base + i0;
+        scales[i0 / RMS_BLOCK] = signed_map ? quant_s8(src, r, codes, n) : quant_u8(src, r, codes, n);
+    } else if (x->fmt == RMS_FMT_BF16SR) {
+        store_bf16_sr(src, r, (uint16_t *)base + i0, n);
+    } else {
+        memcpy((float *)base + i0, src, (size_t)n * sizeof(float));
+    }
+}
+
+/* Elements [lo, hi) of a low-bit record (lo a multiple of RMS_BLOCK), block by block. A float32
+ * parameter and gradient are used in place (P and G point into them): no copy. */
+RMS_CLONES static void loop_lowbit(const rms_record *x, int64_t lo, int64_t hi, const rms_scalars *c,
+                                   const rms_rec_scalars *rs, int write_back, int variant) {
+    float Pbuf[RMS_BLOCK], Gbuf[RMS_BLOCK], V[RMS_BLOCK], Mb[RMS_BLOCK], B[RMS_BLOCK];
+    uint16_t R0[RMS_BLOCK], R1[RMS_BLOCK], R2[RMS_BLOCK];
+    const int in_place = x->kind == RMS_F32;
+    const int eps_inside = variant & 1, coupled = (variant >> 1) & 1, kind = (variant >> 2) % 3;
+    const int cform = (variant >> 2) / 3;
+    const int random = x->fmt == RMS_FMT_BF16SR || x->fmt == RMS_FMT_INT8;
+    const size_t psz = storage_size(x->kind);
+    const float inv_scale = (float)c->inv_scale;
+    for (int64_t i0 = lo; i0 < hi; i0 += RMS_BLOCK) {
+        const int64_t len = hi - i0 < RMS_BLOCK ? hi - i0 : RMS_BLOCK;
+        void *pp = AT(x->p, i0, psz), *gp = AT(x->g, i0, psz);
+        float *P = in_place ? (float *)pp : Pbuf, *G = in_place ? (float *)gp : Gbuf;
+        if (!in_place) {
+            load_kind(x->kind, pp, P, len);
+            load_kind(x->kind, gp, G, len);
+        }
+        if (write_back) { /* AMP: unscale the gradient in place (rounded to its dtype), as GradScaler does */
+            for (int64_t i = 0; i < len; i++) G[i] = G[i] * inv_scale;
+            if (!in_place) {
+                store_kind(x->kind, G, gp, len);
+                load_kind(x->kind, gp, G, len);
+            }
+        }
+        load_state(x, x->v, (const float *)x->vs, 0, i0, V, len);
+        if (x->m) load_state(x, x->m, (const float *)x->ms, 1, i0, Mb, len);
+        if (x->b) load_state(x, x->b, (const float *)x->bs, 1, i0, B, len);
+        RMS_LB_EXPAND(cform, kind, coupled, eps_inside)
+        if (random) {
+            /* a block never straddles a multiple of 2^32 elements: one key for its high half */
+            const uint32_t hi32 = (uint32_t)((uint64_t)i0 >> 32);
+            const uint32_t e0 = mix32(rs->key0 ^ mix32(hi32)), e1 = mix32(rs->key1 ^ mix32(hi32));
+            const uint32_t base = (uint32_t)i0;
+            for (int64_t i = 0; i < len; i++) {
+                const uint32_t h0 = mix32((base + (uint32_t)i) ^ e0);
+                R0[i] = (uint16_t)(h0 >> 16);
+                R1[i] = (uint16_t)(h0 & 0xffffu);
+            }
+            if (x->b)
+                for (int64_t i = 0; i < len; i++) R2[i] = (uint16_t)(mix32((base + (uint32_t)i) ^ e1) >> 16);
+        }
+        store_state(x, x->v, (float *)x->vs, 0, i0, V, R0, len);
+        if (x->m) store_state(x, x->m, (float *)x->ms, 1, i0, Mb, R1, len);
+        if (x->b) store_state(x, x->b, (float *)x->bs, 1, i0, B, R2, len);
+        if (!in_place) store_kind(x->kind, P, pp, len);
+    }
+}
+
 /* The memory-traffic bound for benchmarks: the same bytes as a plain fp32 step (read p, g, v;
  * write p, v) with arithmetic too cheap to matter. */
 RMS_CLONES static void stream_f32(float *restrict p, const float *restrict g, float *restrict v, int64_t n) {
@@ -918,13 +1281,12 @@ RMS_CLONES static void stream_f32(float *restrict p, const float *restrict g, fl
 
 typedef struct {
     const rms_record *records;
-    const double *inv_corr;
+    const rms_rec_scalars *rec_scalars;
     const rms_scalars *scalars;
     int64_t n_records, part, parts; /* this thread takes slice `part` of `parts` of every tensor */
     int variant, write_back, stream;
 } rms_job;
 
-#define AT(base, off, sz) ((void *)((char *)(base) + (off) * (sz)))
 
 static void *run_job(void *arg) {
     const rms_job *job = (const rms_job *)arg;
@@ -932,11 +1294,21 @@ static void *run_job(void *arg) {
         const rms_record *x = &job->records[t];
         if (!x->valid) continue; /* kept from the kernel by the caller */
         /* this thread's share of tensor t: slice `part` of `parts`, on RMS_ALIGN boundaries */
+        /* low-bit records split on whole blocks (an int8 block has one scale) */
+        const int64_t align = x->fmt == RMS_FMT_SAME ? RMS_ALIGN : RMS_BLOCK;
         int64_t per = (x->numel + job->parts - 1) / job->parts;
-        per = (per + RMS_ALIGN - 1) / RMS_ALIGN * RMS_ALIGN;
+        per = (per + align - 1) / align * align;
         int64_t lo = job->part * per, hi = lo + per;
         if (hi > x->numel) hi = x->numel;
         if (hi <= lo) continue;
+        if (x->fmt != RMS_FMT_SAME) {
+            /* the low-bit variant: the call's flags, and this record's centered form */
+            const int cform = job->variant >= 24 ? (x->fmt == RMS_FMT_F32 ? 1 : 2) : 0;
+            const int lb = ((job->variant >> 1) & 1) | (((job->variant >> 2) & 1) << 1) |
+                           ((((job->variant >> 3) % 3) + 3 * cform) << 2);
+            loop_lowbit(x, lo, hi, job->scalars, &job->rec_scalars[t], job->write_back, lb);
+            continue;
+        }
         size_t sz = storage_size(x->kind);
         void *p = AT(x->p, lo, sz), *g = AT(x->g, lo, sz), *v = AT(x->v, lo, sz);
         void *m = x->m ? AT(x->m, lo, sz) : NULL;
@@ -946,7 +1318,7 @@ static void *run_job(void *arg) {
             stream_f32(p, g, v, n);
             continue;
         }
-        double ic = job->inv_corr[t];
+        double ic = job->rec_scalars[t].inv_corr;
         switch (x->kind) {
         case RMS_F32: case RMS_C64: loop_f32(p, g, v, m, b, n, job->scalars, ic, job->write_back, job->variant); break;
         case RMS_F64: case RMS_C128: loop_f64(p, g, v, m, b, n, job->scalars, ic, job->write_back, job->variant); break;
@@ -980,7 +1352,7 @@ static void *team_worker(void *arg) {
 static void team_worker_omp(void *arg) { team_worker(arg); }
 
 /* Run one slice of every tensor per thread; the calling thread works too. */
-static void run_parallel(const rms_record *records, int64_t n, int64_t total, const double *inv_corr,
+static void run_parallel(const rms_record *records, int64_t n, int64_t total, const rms_rec_scalars *inv_corr,
                          const rms_scalars *c, int variant, int write_back, int stream, int num_threads) {
     int threads = num_threads > 64 ? 64 : num_threads;
     if ((int64_t)threads > total / RMS_MIN_PER_THREAD) threads = (int)(total / RMS_MIN_PER_THREAD);
@@ -1015,7 +1387,8 @@ static int read_scalar(const int64_t *slot, float *out) {
 static int unchanged(const rms_record *old, const rms_record *now) {
     return old->valid && old->p == now->p && old->v == now->v && old->m == now->m && old->b == now->b &&
            old->step == now->step && old->numel == now->numel && old->kind == now->kind &&
-           old->step_kind == now->step_kind;
+           old->step_kind == now->step_kind && old->vs == now->vs && old->ms == now->ms && old->bs == now->bs &&
+           old->fmt == now->fmt && old->state_size == now->state_size;
 }
 
 /*
@@ -1030,7 +1403,7 @@ static int unchanged(const rms_record *old, const rms_record *now) {
  * to any tensor unless the return value is RMS_OK.
  */
 int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, int32_t num_threads,
-                     void *records, int8_t *status, int64_t *bad) {
+                     void *records, uint8_t *status, int64_t *bad) {
     if (!atomic_load(&g_api_ready)) return RMS_NOT_INITIALISED;
     if (!lists || !call || n < 0 || num_threads < 1 || (n > 0 && !records)) return RMS_BAD_ARGUMENT;
     const int mode = call->mode & 0xff;
@@ -1044,8 +1417,8 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
 
     if (n == 0) return mode == RMS_MODE_RUN && found_inf != 0.0f ? RMS_SKIPPED : RMS_OK;
     rms_record *fresh = scratch_records(records, n);
-    int8_t *st = scratch_status(records, n);
-    double *inv_corr = scratch_corrections(records, n);
+    uint8_t *st = scratch_status(records, n);
+    rms_rec_scalars *inv_corr = scratch_scalars(records, n);
     memset(fresh, 0, sizeof(rms_record) * (size_t)n);
     memset(st, 0, (size_t)n);
     rms_call checked = *call;
@@ -1053,6 +1426,7 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
         checked.centered = 0;
         checked.momentum = 0;
         checked.dtype_mask = 1 << RMS_F32;
+        checked.state_dtype = RMS_SD_NONE;
     }
     /* status on entry: nonzero marks a record the caller keeps from the kernel (it is neither
      * validated nor stepped, and keeps its code) */
@@ -1108,7 +1482,22 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
         double step;
         if (fresh[t].step_kind) step = *(double *)fresh[t].step += 1.0;
         else step = *(float *)fresh[t].step += 1.0f;
-        inv_corr[t] = call->bias_correction ? 1.0 / (1.0 - pow(call->alpha, step)) : 1.0;
+        /* per record: 1/C_t, and what a low-bit record needs besides: 1/C_{t-1} and the
+         * variance weight (both as the torch-op path computes them, in double), the keys */
+        const double a = call->alpha;
+        rms_rec_scalars *rs = &inv_corr[t];
+        if (call->bias_correction) {
+            const double c_t = 1.0 - pow(a, step), c_prev = 1.0 - pow(a, step - 1.0);
+            rs->inv_corr = 1.0 / c_t;
+            rs->inv_prev = c_prev > 0.0 ? 1.0 / c_prev : 0.0;
+            rs->k_var = a * (1.0 - a) * c_prev / c_t;
+        } else {
+            rs->inv_corr = 1.0;
+            rs->inv_prev = 1.0;
+            rs->k_var = a * (1.0 - a);
+        }
+        rs->key0 = stream_key((uint32_t)(int64_t)step, (uint32_t)t, 0);
+        rs->key1 = stream_key((uint32_t)(int64_t)step, (uint32_t)t, 1);
     }
     const int lr_in = call->lr_in_momentum;
     const int has_momentum = call->momentum > 0;

@@ -31,7 +31,7 @@ import torch
 
 from ..backends import fused_cpu
 from ..optimizer import RMSprop
-from . import sweeps
+from . import state, sweeps
 from .bound import stream_bound
 from .models import MODELS
 
@@ -123,7 +123,8 @@ def _prepare(config: Config, name: str) -> tuple[Callable[[], object], dict]:
         step()
         extra["compile_s"] = time.perf_counter() - start
         return step, extra
-    return IMPLEMENTATIONS[name](params, dict(config.options)).step, extra
+    factory = IMPLEMENTATIONS.get(name) or state.STATE_IMPLEMENTATIONS[name]
+    return factory(params, dict(config.options)).step, extra
 
 
 def _measure_side_by_side(config: Config, names: list[str], quick: bool) -> dict[str, dict]:
@@ -223,12 +224,19 @@ def run_bench(
     compile_torch: bool = True,
     first_step: bool = True,
     sweep: bool = True,
+    state_formats: bool = False,
+    state_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the benchmark and return every number (see the module docstring): the configurations,
-    then (``sweep``) the size and thread sweeps and the optimizer's share of a training step."""
+    then (``sweep``) the size and thread sweeps and the optimizer's share of a training step, and
+    (``state_formats``, on in the CLI) fp32 / bf16 / int8 state side by side (see bench.state).
+    ``state_only``: only the latter."""
     if not fused_cpu.is_available():
         raise RuntimeError(f"the fused kernel is unavailable: {fused_cpu.load_error()}")
+    if state_only:
+        return {"machine": machine(), "quick": quick, "configs": [],
+                "state_formats": state.state_formats(_measure_side_by_side, CONFIGS, quick, log)}  # fmt: skip
     chosen = QUICK_CONFIGS if quick and not configs else CONFIGS
     names = configs or list(chosen)
     unknown = [n for n in names if n not in CONFIGS]
@@ -260,6 +268,8 @@ def run_bench(
         results["sizes"] = sweeps.size_sweep(_measure_side_by_side, Config, quick, log)
         results["threads"] = sweeps.thread_sweep(_measure_side_by_side, THREAD_SWEEP_CONFIG, quick, log)
         results["training_share"] = sweeps.training_share(quick, log)
+    if state_formats:
+        results["state_formats"] = state.state_formats(_measure_side_by_side, CONFIGS, quick, log)
     if first_step:
         log("  first step in a fresh process ...")
         results["first_step"] = first_step_costs(repeats=1 if quick else 3)
@@ -369,7 +379,10 @@ def save(results: dict, out: Path, plot: bool) -> list[Path]:
     written = [
         _write_whole(out / "bench.json", lambda p: p.write_text(json.dumps(results, indent=2))),
         _write_whole(
-            out / "bench.md", lambda p: p.write_text(markdown_table(results) + "\n" + sweep_tables(results) + "\n")
+            out / "bench.md",
+            lambda p: p.write_text(
+                markdown_table(results) + "\n" + sweep_tables(results) + "\n" + state.state_table(results) + "\n"
+            ),
         ),
     ]
     if plot:

@@ -34,8 +34,13 @@ class Entry:
     """The persistent half of one call's lists, described for the kernel."""
 
     def __init__(self, persisted: tuple[Sequence[Tensor], ...], has_complex: bool) -> None:
-        self.persisted = tuple(tuple(lst) for lst in persisted)  # params, square_avgs, grad_avgs, bufs, steps
-        self.columns = tuple(native.handles(lst) if lst else None for lst in self.persisted)
+        # params, square_avgs, grad_avgs, bufs, steps, and the int8 scales of the three buffers
+        # (lists with None where a record's state is not int8)
+        self.persisted = tuple(tuple(lst) for lst in persisted)
+        self.columns = tuple(
+            (native.handles(lst) if k < 5 else native.optional_handles(lst)) if lst else None
+            for k, lst in enumerate(self.persisted)
+        )
         n = len(self.persisted[0])
         self.records = bytearray(native.memo_size(n))  # the kernel's memory of the last step
         self.excluded = bytearray(n)  # nonzero: the kernel does not take this record (its status)
@@ -45,6 +50,8 @@ class Entry:
 
     def matches(self, persisted: tuple[Sequence[Tensor], ...]) -> bool:
         """True when ``persisted`` holds exactly these tensor objects, list by list."""
+        if len(self.persisted) != len(persisted):
+            return False
         for mine, theirs in zip(self.persisted, persisted, strict=True):
             if len(mine) != len(theirs) or not all(map(operator.is_, mine, theirs)):
                 return False

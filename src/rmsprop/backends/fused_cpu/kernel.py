@@ -49,7 +49,7 @@ def default_kinds() -> int:
     return ALL_KINDS if native.LIB is not None and native.isa() in ("avx2+f16c", "avx512") else ALL_KINDS & ~_FP16
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _WHICH = ("parameter", "gradient", "square_avg", "grad_avg", "momentum_buffer", "step")
-# Status reasons (low 4 bits; the tensor is in the next 3): the C side's, then Python's own.
+# Status reasons (low 5 bits; the tensor is in the high 3): the C side's, and Python's own (13, 14).
 _REASONS = {
     1: "is missing",
     2: "cannot be read through torch's C shim (a tensor without storage?)",
@@ -65,8 +65,13 @@ _REASONS = {
     12: "has elements past the end of its storage (was the storage resized under it?)",
     13: "is a tensor subclass (only plain tensors reach the kernel)",
     14: "has its conjugate or negative bit set",
+    15: "is int8 state whose scales (<buffer>_scale) are missing, not a contiguous 1-D float32 tensor, or not "
+        "one per block of 256 elements",
+    16: "has a state format the fused kernel does not take for this parameter (it takes bf16 / int8 / float32 "
+        "state of float32, bfloat16 and float16 parameters, int8 only for contiguous ones)",
 }
 _ST_SUBCLASS, _ST_BITS = 13, 14
+_REASON_MASK, _WHICH_SHIFT = 0x1F, 5
 # What no path can step (a tensor torch itself cannot read, elements past the storage's end): an
 # error even with fused=None, where anything else the kernel declines goes to torch's path.
 _FATAL = frozenset((1, 2, 12))
@@ -74,7 +79,7 @@ _FATAL = frozenset((1, 2, 12))
 
 def explain(status: int, index: int, params: Sequence[Tensor]) -> str:
     """One status as a sentence naming the parameter, the tensor and the reason."""
-    reason, which = status & 0xF, status >> 4
+    reason, which = status & _REASON_MASK, status >> _WHICH_SHIFT
     p = params[index]
     what = "the parameter" if which == 0 else f"its {_WHICH[which]}"
     return (
@@ -102,7 +107,7 @@ class _Call:
         self.inf, self.inf_handle = _scalar(found_inf, as_flag=True)
         self.struct = native.Call(
             lr=lr,
-            **{o.name: getattr(rule, o.name) for o in RULE_OPTIONS},
+            **{o.name: _to_c(o, getattr(rule, o.name)) for o in RULE_OPTIONS},
             dtype_mask=kinds,
             write_back=1,
             grad_scale=self.scale_handle.buffer_info()[0] if self.scale_handle is not None else None,
@@ -113,7 +118,7 @@ class _Call:
         def address(column):
             return column.buffer_info()[0] if column is not None else None
 
-        persisted = [address(c) for c in columns]
+        persisted = [address(c) for c in columns] + [None] * (8 - len(columns))
         lists = native.Lists(
             param=persisted[0],
             grad=address(grad_column),
@@ -121,6 +126,9 @@ class _Call:
             grad_avg=persisted[2],
             momentum_buffer=persisted[3],
             step=persisted[4],
+            square_avg_scale=persisted[5],
+            grad_avg_scale=persisted[6],
+            momentum_buffer_scale=persisted[7],
         )
         self.struct.mode = mode
         bad = ctypes.c_int64(-1)
@@ -135,21 +143,34 @@ class _Call:
         )
 
 
-def _python_exclusions(lists: Lists6, status: bytearray, grads_only: bool = False, conj: bool = True) -> None:
+def _to_c(option, value):
+    """A Rule field as the C struct holds it (state_dtype as its code)."""
+    return native.STATE_DTYPE_CODES[value] if option.kind == "state_dtype" else value
+
+
+def _python_exclusions(
+    lists: Lists6, status: bytearray, grads_only: bool = False, conj: bool = True, scales=()
+) -> None:
     """Mark (in ``status``) the records Python must keep from the kernel: subclasses and
     tensors with a negative or (``conj``: only complex tensors can have it) conjugate bit. Runs
-    as map() over each list: no bytecode per tensor."""
+    as map() over each list: no bytecode per tensor. ``scales``: the int8 scales lists (None
+    entries where a record has none), reported as their buffer's."""
+    if not grads_only:
+        for which, tensors in zip((2, 3, 4), scales, strict=False):
+            for i, t in enumerate(tensors):
+                if t is not None and not status[i] and (type(t) not in _PLAIN or t.is_neg()):
+                    status[i] = (_ST_SUBCLASS if type(t) not in _PLAIN else _ST_BITS) | (which << _WHICH_SHIFT)
     for which, tensors in enumerate(lists):
         if not tensors or (grads_only and which != 1):
             continue
         if not set(map(type, tensors)) <= _PLAIN:
             for i, t in enumerate(tensors):
                 if type(t) not in _PLAIN and not status[i]:
-                    status[i] = _ST_SUBCLASS | (which << 4)
+                    status[i] = _ST_SUBCLASS | (which << _WHICH_SHIFT)
         if any(map(Tensor.is_neg, tensors)) or (conj and any(map(Tensor.is_conj, tensors))):
             for i, t in enumerate(tensors):
                 if (t.is_neg() or t.is_conj()) and not status[i]:
-                    status[i] = _ST_BITS | (which << 4)
+                    status[i] = _ST_BITS | (which << _WHICH_SHIFT)
 
 
 _NEEDED = {"grads": lambda r: True, "square_avgs": lambda r: True, "steps": lambda r: True,
@@ -172,6 +193,17 @@ def _check_types(lists: Lists6) -> None:
             raise RuntimeError(
                 f"parameter {i}: its {name} is a {type(lst[i]).__name__}, not a tensor; nothing was updated"
             )
+
+
+def _check_scale_types(scale_lists) -> None:
+    """The int8 scales: a tensor or None per record (C reads each non-zero handle as a tensor)."""
+    for which, lst in zip(_WHICH[2:5], scale_lists, strict=False):
+        for i, t in enumerate(lst):
+            if t is not None and not isinstance(t, Tensor):
+                raise RuntimeError(
+                    f"parameter {i}: the int8 scales of its {which} are a {type(t).__name__}, not a tensor; "
+                    "nothing was updated"
+                )
 
 
 def _check_inference(written: Sequence[Sequence[Tensor]]) -> None:
@@ -209,6 +241,7 @@ def prepare(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     check_now: bool = True,
+    scales: tuple[list, list, list] | None = None,
 ) -> Callable[[], None]:
     """Validate one call's tensors for the kernel and return the step that runs it.
 
@@ -219,12 +252,19 @@ def prepare(
     here, natively too, so that the caller can validate several groups before running any;
     without it the native validation happens inside the returned step, which still writes
     nothing unless every tensor passes (the caller must not have written anything of this step
-    that a failure would leave half-applied).
+    that a failure would leave half-applied). ``scales``: the int8 scales of square_avg /
+    grad_var, grad_avg and momentum_buffer (lists aligned with the parameters, None where a
+    record's state is not int8), with ``rule.state_dtype`` set.
     """
     _check_lists(lists, rule)
     params, grads, square_avgs, grad_avgs, momentum_buffers, steps = lists
     n = len(params)
-    persisted = (params, square_avgs, grad_avgs, momentum_buffers, steps)
+    scale_lists = tuple(lst for lst in scales) if scales is not None and any(scales) else ()
+    if scale_lists:
+        scale_lists = tuple(lst if lst else [None] * n for lst in scale_lists)
+        if len(scale_lists) != 3 or any(len(lst) != n for lst in scale_lists):
+            raise ValueError(f"fused RMSprop: the int8 scales must be three lists of {n} entries (tensors or None)")
+    persisted = (params, square_avgs, grad_avgs, momentum_buffers, steps, *scale_lists)
     call = _Call(lr, rule, kinds, grad_scale, found_inf)
     grads_written = grad_scale is not None
     entry = cache.lookup(persisted) if cache is not None else None
@@ -246,11 +286,12 @@ def prepare(
             [grads] if grads_written else []
         )
         _check_types(lists)
-        _check_inference(written)
+        _check_scale_types(scale_lists)
+        _check_inference(written + [[t for t in lst if t is not None] for lst in scale_lists])
         has_complex = any(map(torch.is_complex, params))
         fresh = Entry(persisted, has_complex)
         status = bytearray(n)
-        _python_exclusions(lists, status)
+        _python_exclusions(lists, status, scales=scale_lists)
         rc = call.invoke(fresh.columns, grad_column, n, native.MODE_CHECK, fresh.records_address, status)
         if rc not in (native.OK, native.INVALID):
             raise RuntimeError(f"fused RMSprop kernel failed: {native.ERRORS.get(rc, rc)}")
@@ -259,11 +300,11 @@ def prepare(
             raise RuntimeError(
                 f"fused=True: {explain(status[first_bad], first_bad, params)}; nothing was updated"
             )
-        fatal = next((i for i, s in enumerate(status) if s & 0xF in _FATAL), None)
+        fatal = next((i for i, s in enumerate(status) if s & _REASON_MASK in _FATAL), None)
         if fatal is not None:
             raise RuntimeError(f"RMSprop: {explain(status[fatal], fatal, params)}; nothing was updated")
         fresh.excluded = status
-        fresh.grad_caused = any(s and (s >> 4) == 1 for s in status)
+        fresh.grad_caused = any(s and (s >> _WHICH_SHIFT) == 1 for s in status)
         leftovers = fresh.leftovers()
         rest = torch_path(leftovers) if leftovers else None
         if cache is not None:
@@ -285,6 +326,11 @@ def prepare(
         if rc == native.OK and len(leftovers) < n:
             kernel_records = None if not leftovers else sorted(set(range(n)) - set(leftovers))
             _bump_versions(lists, kernel_records, grads_written)
+            for lst in scale_lists:
+                chosen = lst if kernel_records is None else [lst[i] for i in kernel_records]
+                written_scales = [t for t in chosen if t is not None]
+                if written_scales:
+                    torch.autograd.graph.increment_version(written_scales)
         if rest is not None:
             rest()
         return True
@@ -318,11 +364,14 @@ def _unreachable() -> None:
 
 # ----------------------------------------------------------------------------- torch.compile
 _LIST_ARGS = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")
+# The op serves torch's format only (a compiled step with a state_dtype takes the low-bit torch-op
+# path, see functional._compiled_lowbit): its schema has the update's numbers and switches.
+_OP_OPTIONS = tuple(o for o in RULE_OPTIONS if o.kind in ("number", "flag"))
 _SCHEMA = (
     "("
     + ", ".join(f"Tensor({chr(97 + i)}!)[] {name}" for i, name in enumerate(_LIST_ARGS))
     + ", Tensor lr, "
-    + ", ".join(f"{'float' if o.kind == 'number' else 'bool'} {o.name}" for o in RULE_OPTIONS)
+    + ", ".join(f"{'float' if o.kind == 'number' else 'bool'} {o.name}" for o in _OP_OPTIONS)
     + ", int kinds, bool required, Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 torch.library.define("rmsprop::fused_step", _SCHEMA)
@@ -333,8 +382,8 @@ def _fused_step_impl(params, grads, square_avgs, grad_avgs, momentum_buffers, st
     """The op's body, run eagerly: the same validation and kernel call as the eager path (no
     cache). ``required`` is the user's fused=True; without it, what the kernel declines (memory
     shared between tensors, a conjugate bit...) takes torch's foreach path here, as in eager."""
-    rule_values, (kinds, required, grad_scale, found_inf) = args[: len(RULE_OPTIONS)], args[len(RULE_OPTIONS) :]
-    rule = Rule(**{o.name: v for o, v in zip(RULE_OPTIONS, rule_values, strict=True)})
+    rule_values, (kinds, required, grad_scale, found_inf) = args[: len(_OP_OPTIONS)], args[len(_OP_OPTIONS) :]
+    rule = Rule(**{o.name: v for o, v in zip(_OP_OPTIONS, rule_values, strict=True)})
     lists = (
         list(params),
         list(grads),
@@ -371,9 +420,11 @@ def _fused_step_fake(*args) -> None:
 def compiled_step(lists: Lists6, *, lr, rule: Rule, kinds: int, required: bool, grad_scale, found_inf) -> None:
     """The step as dynamo should see it: one call of the custom op, lr as a tensor (a float lr
     is still a constant of the graph: dynamo guards on it, as it does for torch's optimizers)."""
+    if rule.state_dtype is not None:  # (functional routes those elsewhere; the op has no such argument)
+        raise RuntimeError("the fused_step op steps state in torch's format only (state_dtype=None)")
     lr_tensor = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     torch.ops.rmsprop.fused_step(
-        *lists, lr_tensor, *(getattr(rule, o.name) for o in RULE_OPTIONS), kinds, required, grad_scale, found_inf
+        *lists, lr_tensor, *(getattr(rule, o.name) for o in _OP_OPTIONS), kinds, required, grad_scale, found_inf
     )
 
 

@@ -35,10 +35,13 @@ from ...options import RULE_OPTIONS
 
 __all__ = ["LIB", "load_error", "is_available", "Lists", "Call", "LIST_NAMES", "handles", "memo_size"]
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 # Element kinds of the C side, in its order, and the dtypes they are.
 KINDS = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
 LIST_NAMES = ("param", "grad", "square_avg", "grad_avg", "momentum_buffer", "step")
+SCALE_NAMES = ("square_avg_scale", "grad_avg_scale", "momentum_buffer_scale")
+# The option table's state_dtype as the C side's code (RMS_SD_*).
+STATE_DTYPE_CODES = {None: 0, torch.float32: 1, torch.bfloat16: 2, "int8": 3}
 
 # Modes and return codes of rmsprop_step (see the C enums).
 MODE_CHECK, MODE_RUN, MODE_STREAM, REQUIRE_UNCHANGED = 0, 1, 2, 0x100
@@ -53,14 +56,15 @@ ERRORS = {
 
 
 class Lists(ctypes.Structure):
-    """rms_lists: one column of TensorImpl addresses per list (NULL: absent)."""
+    """rms_lists: one column of TensorImpl addresses per list (NULL: absent), then the columns
+    of the int8 scales (a 0 address where a record's state is not int8)."""
 
-    _fields_ = [(name, ctypes.c_void_p) for name in LIST_NAMES]
+    _fields_ = [(name, ctypes.c_void_p) for name in LIST_NAMES + SCALE_NAMES]
 
 
 class Call(ctypes.Structure):
-    """rms_call: lr, then the option table's Rule fields in order (numbers as double, switches as
-    int32), then the call's own fields."""
+    """rms_call: lr, then the option table's Rule fields in order (numbers as double, switches and
+    state_dtype's code as int32), then the call's own fields."""
 
     _fields_ = (
         [("lr", ctypes.c_double)]
@@ -95,6 +99,7 @@ class TorchApi(ctypes.Structure):
         ("storage_size", _FN),
         ("storage_offset", _FN),
         ("dtype_code", ctypes.c_int32 * len(KINDS)),
+        ("dtype_uint8", ctypes.c_int32),
         ("device_cpu", ctypes.c_int32),
         ("layout_strided", ctypes.c_int32),
     ]
@@ -133,6 +138,11 @@ _CDATA = operator.attrgetter("_cdata")
 def handles(tensors: Sequence[torch.Tensor]) -> array:
     """The TensorImpl addresses of plain tensors (the caller keeps the tensors alive)."""
     return array("q", map(_CDATA, tensors))
+
+
+def optional_handles(tensors: Sequence[torch.Tensor | None]) -> array:
+    """As :func:`handles`, with 0 for None (a record without that tensor)."""
+    return array("q", (0 if t is None else t._cdata for t in tensors))
 
 
 def buffer_address(buffer: bytearray) -> int:
@@ -183,6 +193,7 @@ def _torch_api() -> TorchApi:
         fn.restype = ctypes.c_int32
         api.dtype_code[i] = fn()
     for field, symbol in (
+        ("dtype_uint8", "aoti_torch_dtype_uint8"),
         ("device_cpu", "aoti_torch_device_type_cpu"),
         ("layout_strided", "aoti_torch_layout_strided"),
     ):
