@@ -32,6 +32,7 @@ import rmsprop.functional
 from rmsprop.backends import fused_cpu, fused_triton
 from rmsprop.backends.fused_triton import loader, plan
 from rmsprop.reference import ReferenceRMSprop, run_reference
+from rmsprop.rule import Rule
 
 DEVICE = os.environ.get("RMSPROP_TRITON_DEVICE", "cpu")
 FULL = NAMED["full"]
@@ -149,7 +150,8 @@ def test_triton_is_installed_and_implements_every_option():
     assert fused_triton.is_available(), fused_triton.load_error()
     from rmsprop.options import RULE_OPTIONS
 
-    assert {o.name for o in RULE_OPTIONS} == loader.IMPLEMENTED
+    assert {o.name for o in RULE_OPTIONS} == loader.IMPLEMENTED | loader.ROUTED_ELSEWHERE
+    assert not loader.IMPLEMENTED & loader.ROUTED_ELSEWHERE
 
 
 def test_triton_refuses_to_load_when_an_option_is_not_implemented(monkeypatch):
@@ -1017,3 +1019,34 @@ def test_triton_kernel_compiles_for_hopper_unfused_and_vectorised(variant):
         assert any(op.startswith("atom.global") and "acq_rel" in op for op in ops), ops
     if flags["STEP"] and flags["BIAS"]:
         assert "div.rn.f64" in ops, ops
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=str)
+def test_a_low_bit_state_never_reaches_the_triton_kernel(monkeypatch, state_dtype):
+    """The kernel stores torch's format only: a group with a state_dtype takes the low-bit paths
+    (on the CPU here: the fused CPU kernel's low-bit loops), with the same numbers as without the
+    routing, and the Triton backend refuses such a Rule should a caller ever hand it one."""
+    launches = spy_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    values = [torch.randn(5000, generator=gen), torch.randn(300, generator=gen)]
+    grads = [[torch.randn(v.shape, generator=gen) for v in values] for _ in range(3)]
+
+    def train():
+        params = params_on(values)
+        opt = rmsprop.RMSprop(params, lr=0.01, momentum=0.9, centered=True, state_dtype=state_dtype,
+                              int8_min_numel=1000)  # fmt: skip
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone().to(DEVICE)
+            opt.step()
+        return [p.detach().cpu() for p in params]
+
+    routed = train()
+    assert launches == []
+    with cpu_kernel():
+        direct = train()
+    assert all(torch.equal(a, b) for a, b in zip(routed, direct, strict=True))
+    rule = Rule.from_group({**rmsprop.RMSprop([torch.zeros(1, requires_grad=True)]).defaults, "state_dtype": state_dtype})
+    with pytest.raises(RuntimeError, match="torch's state format only"):
+        fused_triton.prepare(tuple([] for _ in range(6)), lr=0.01, rule=rule, capturable=False, required=True,
+                             cache=None, torch_path=None)  # fmt: skip

@@ -103,6 +103,8 @@ def prepare(
     returns their step. Everything is validated here; the returned step only launches (and runs
     the torch path's share), so a caller may validate several groups before running any.
     """
+    if rule.state_dtype is not None:  # loader.ROUTED_ELSEWHERE: a caller's error, not the user's
+        raise RuntimeError(f"the Triton kernel stores torch's state format only, not state_dtype={rule.state_dtype!r}")
     params, grads, square_avgs, grad_avgs, bufs, steps = lists
     persisted = (params, square_avgs, grad_avgs, bufs, steps)
     grads_written = grad_scale is not None
@@ -227,11 +229,13 @@ def _bump_versions(lists: Lists6, launch: plan.Launch, grads_written: bool) -> N
 
 # ----------------------------------------------------------------------------- torch.compile
 _LIST_ARGS = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")
+# torch's state format only (loader.ROUTED_ELSEWHERE): the schema has the update's numbers and switches.
+_OP_OPTIONS = tuple(o for o in RULE_OPTIONS if o.kind in ("number", "flag"))
 _SCHEMA = (
     "("
     + ", ".join(f"Tensor({chr(97 + i)}!)[] {name}" for i, name in enumerate(_LIST_ARGS))
     + ", Tensor lr, "
-    + ", ".join(f"{'float' if o.kind == 'number' else 'bool'} {o.name}" for o in RULE_OPTIONS)
+    + ", ".join(f"{'float' if o.kind == 'number' else 'bool'} {o.name}" for o in _OP_OPTIONS)
     + ", Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 torch.library.define("rmsprop::triton_step", _SCHEMA)
@@ -239,8 +243,8 @@ torch.library.define("rmsprop::triton_step", _SCHEMA)
 
 @torch.library.impl("rmsprop::triton_step", "CompositeExplicitAutograd")
 def _triton_step_impl(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, *args):
-    rule_values, (grad_scale, found_inf) = args[: len(RULE_OPTIONS)], args[len(RULE_OPTIONS) :]
-    rule = Rule(**{o.name: v for o, v in zip(RULE_OPTIONS, rule_values, strict=True)})
+    rule_values, (grad_scale, found_inf) = args[: len(_OP_OPTIONS)], args[len(_OP_OPTIONS) :]
+    rule = Rule(**{o.name: v for o, v in zip(_OP_OPTIONS, rule_values, strict=True)})
     lists = tuple(list(x) for x in (params, grads, square_avgs, grad_avgs, momentum_buffers, steps))
 
     def refuse(indices: list[int]):
@@ -271,7 +275,7 @@ def compiled_step(lists: Lists6, *, lr, rule: Rule, grad_scale, found_inf) -> No
     is a constant of the graph, guarded on, as for torch's optimizers)."""
     lr_tensor = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     torch.ops.rmsprop.triton_step(
-        *lists, lr_tensor, *(getattr(rule, o.name) for o in RULE_OPTIONS), grad_scale, found_inf
+        *lists, lr_tensor, *(getattr(rule, o.name) for o in _OP_OPTIONS), grad_scale, found_inf
     )
 
 
