@@ -150,6 +150,30 @@ def test_many_threads_give_the_same_result_as_one():
     assert all(torch.equal(a, b) for a, b in zip(one, four, strict=True))  # elementwise: no reduction
 
 
+# Sizes whose end-to-end run is cut by every thread count below at a different place: inside a
+# large tensor, a few elements before a tensor's end (the cut rounds up to the end), between tensors,
+# inside tensors smaller than the 64-element alignment, and in a tensor of one element.
+_THREAD_CUT_SIZES = ((70_001,), (5,), (64,), (33_000,), (129,), (100_000,), (1,), (65_537,), (40,), (3,))
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4, 5, 7, 8])
+def test_every_element_is_stepped_once_whatever_the_thread_count(threads):
+    """The kernel cuts the group's elements, laid end to end, into one run per thread: an element
+    stepped twice or skipped at a cut changes the bits against one thread."""
+    params = make_params(torch.float32, shapes=_THREAD_CUT_SIZES)
+    grads = make_grads(params, steps=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = run(lambda p: rmsprop.RMSprop(p, fused=True, **FULL), params, grads)
+        torch.set_num_threads(threads)
+        many, _ = run(lambda p: rmsprop.RMSprop(p, fused=True, **FULL), params, grads)
+    finally:
+        torch.set_num_threads(before)
+    for i, (a, b) in enumerate(zip(one, many, strict=True)):
+        assert torch.equal(a, b), (threads, i, _THREAD_CUT_SIZES[i])
+
+
 def _strided_copy(t: torch.Tensor, layout: str) -> torch.Tensor:
     """A copy of ``t`` laid out as a transposed (dense) or a gapped (every other element) view."""
     if layout == "transposed":

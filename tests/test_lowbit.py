@@ -343,6 +343,37 @@ def test_the_fused_kernel_steps_low_bit_state(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_threads_cut_between_blocks_of_many_tensors(threads):
+    """Cuts of the end-to-end run fall inside and between int8 tensors: each is rounded to a whole
+    256-element block of its tensor, so no block is quantised by two threads or by none."""
+    sizes = ((40_000,), (300,), (65_600,), (257,), (20_001,), (256,))
+    params = [_param(s, seed=i) for i, s in enumerate(sizes)]
+    grads = [_grads(s, 2, seed=10 + i) for i, s in enumerate(sizes)]
+
+    def train():
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = rmsprop.RMSprop(ps, lr=LR, momentum=0.9, state_dtype="int8", int8_min_numel=1)
+        for k in range(2):
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g[k].clone()
+            opt.step()
+        return ps, opt
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a, oa = train()
+        torch.set_num_threads(threads)
+        b, ob = train()
+    finally:
+        torch.set_num_threads(old)
+    for pa, pb in zip(a, b, strict=True):
+        assert torch.equal(pa, pb)
+        for key in oa.state[pa]:
+            assert torch.equal(oa.state[pa][key], ob.state[pb][key]), key
+
+
 def test_threads_do_not_change_the_bits():
     p0 = _param((300_000,))
     grads = _grads(p0.shape, 2)

@@ -1283,22 +1283,34 @@ typedef struct {
     const rms_record *records;
     const rms_rec_scalars *rec_scalars;
     const rms_scalars *scalars;
-    int64_t n_records, part, parts; /* this thread takes slice `part` of `parts` of every tensor */
+    int64_t n_records, part, parts; /* this thread takes slice `part` of `parts` of all the elements */
+    int64_t total;                  /* the elements of the valid records, end to end */
     int variant, write_back, stream;
 } rms_job;
 
 
 static void *run_job(void *arg) {
     const rms_job *job = (const rms_job *)arg;
-    for (int64_t t = 0; t < job->n_records; t++) {
+    /* The valid records' elements, laid end to end, are cut into `parts` equal runs and this
+     * thread takes run `part`: many small tensors go whole to one thread each (each thread streams
+     * through its own tensors, as through one large one), a large tensor is split. A cut inside a
+     * record is rounded up to RMS_ALIGN elements from the record's start (whole 64-byte lines at
+     * any dtype), or to whole blocks for low-bit records (an int8 block has one scale); the
+     * neighbouring thread rounds the same cut the same way, so every element is stepped once. */
+    const int64_t per = (job->total + job->parts - 1) / job->parts;
+    const int64_t first = job->part * per, last = first + per > job->total ? job->total : first + per;
+    int64_t start = 0; /* where record t begins in the end-to-end run */
+    for (int64_t t = 0; t < job->n_records && start < last; t++) {
         const rms_record *x = &job->records[t];
         if (!x->valid) continue; /* kept from the kernel by the caller */
-        /* this thread's share of tensor t: slice `part` of `parts`, on RMS_ALIGN boundaries */
-        /* low-bit records split on whole blocks (an int8 block has one scale) */
+        const int64_t begin = start;
+        start += x->numel;
+        if (start <= first) continue;
         const int64_t align = x->fmt == RMS_FMT_SAME ? RMS_ALIGN : RMS_BLOCK;
-        int64_t per = (x->numel + job->parts - 1) / job->parts;
-        per = (per + align - 1) / align * align;
-        int64_t lo = job->part * per, hi = lo + per;
+        int64_t lo = first > begin ? first - begin : 0, hi = last - begin < x->numel ? last - begin : x->numel;
+        lo = lo == 0 ? 0 : (lo + align - 1) / align * align;
+        hi = hi == x->numel ? hi : (hi + align - 1) / align * align;
+        if (lo > x->numel) lo = x->numel;
         if (hi > x->numel) hi = x->numel;
         if (hi <= lo) continue;
         if (x->fmt != RMS_FMT_SAME) {
@@ -1359,7 +1371,7 @@ static void run_parallel(const rms_record *records, int64_t n, int64_t total, co
     if (threads < 1) threads = 1;
     rms_job jobs[64];
     for (int k = 0; k < threads; k++)
-        jobs[k] = (rms_job){records, inv_corr, c, n, k, threads, variant, write_back, stream};
+        jobs[k] = (rms_job){records, inv_corr, c, n, k, threads, total, variant, write_back, stream};
     rms_team team = {jobs, threads, 0};
     gomp_parallel_fn gomp = atomic_load(&g_gomp_parallel);
     if (threads == 1) {
