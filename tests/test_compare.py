@@ -3,6 +3,7 @@ numbers (each flipped), the results schema, determinism, the report, and the CLI
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -315,6 +316,19 @@ def test_results_schema(small_results):
         assert c["verdict"] in {"supported", "not supported", "mixed", "unjudged"}
         assert c["rmsprop"] == RMSPROP
     assert "claim_adagrad_decay" in data["claims_skipped"]  # needs tasks that were not run
+    assert set(setup["hyperparameters"]) == set(SMALL["optimizers"])
+    assert "betas=(0.9, 0.999)" in setup["hyperparameters"]["Adam"]
+
+
+def test_the_hyperparameters_a_run_states_are_the_optimizers_own(small_results):
+    """A run states them (read in a worker); an older results file without them gets the same
+    table, read from the optimizers when the report is written."""
+    from rmsprop.experiments.report import settings_table
+
+    older = copy.deepcopy(small_results)
+    del older["setup"]["hyperparameters"]
+    assert settings_table(older) == settings_table(small_results)
+    assert any("alpha=0.99" in row[2] for row in settings_table(small_results))
 
 
 def test_same_seed_same_numbers_whatever_the_worker_count(small_results):

@@ -58,6 +58,11 @@ def settings(name: str) -> dict:
     return {k: group[k] for k in _SHOWN if k in group}
 
 
+def hyperparameters(names: list[str]) -> dict[str, str]:
+    """:func:`settings` of each optimizer, as the report states them ("alpha=0.99, eps=1e-08")."""
+    return {name: ", ".join(f"{k}={v}" for k, v in settings(name).items()) for name in names}
+
+
 def effective_lr(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> torch.Tensor:
     """Per-element step size lr / denominator each optimizer applies to the gradient now
     (momentum aside): lr for SGD, lr / (sqrt(sum g^2) + eps) for Adagrad, lr / (sqrt(v) + eps)

@@ -145,6 +145,10 @@ class Workers:
                     tick()
         return results
 
+    def call(self, fn: Callable, *args):
+        """``fn(*args)`` in a worker (one that has imported what the runs import), or here."""
+        return self.pool.apply(fn, args) if self.pool is not None else fn(*args)
+
     def __enter__(self) -> Workers:
         return self
 
@@ -259,7 +263,7 @@ def run_compare(
 
     ``progress(total)`` makes a progress bar (an object with ``update()`` and ``close()``)."""
     from .claims import judge
-    from .optimizers import OPTIMIZERS, QUICK_OPTIMIZERS
+    from .optimizers import OPTIMIZERS, QUICK_OPTIMIZERS, hyperparameters
     from .tasks import TASKS, trivial_baseline
 
     task_names = tasks or list(TASKS)
@@ -312,6 +316,9 @@ def run_compare(
             names = [(p, name) for p, where in probes.items() for name in where for _ in rep_seeds]
             for (p, name), result in zip(names, pool.run(jobs, tick), strict=True):
                 report.setdefault(p, {}).setdefault(name, []).append(result)
+            # read from the optimizers in a worker: building torch's first optimizer imports
+            # torch._dynamo (3 s), which the workers have done and this process has not
+            hyper = pool.call(hyperparameters, opt_names)
     finally:
         if bar is not None:
             bar.close()
@@ -338,6 +345,7 @@ def run_compare(
         "setup": {
             "quick": quick,
             "optimizers": opt_names,
+            "hyperparameters": hyper,
             "selection_seeds": sel_seeds,
             "report_seeds": rep_seeds,
             "search": {
