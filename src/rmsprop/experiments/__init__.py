@@ -10,5 +10,5 @@ report.py      plots, report.md, a self-contained report.html, results.json
 
 # The run times, stated once (the CLI help and the README quote these): the CPU time measured on
 # the project's 2-core machine, over its two cores (wall time grows when other work shares them).
-QUICK_TIME = "about 100 s on 2 free cores"
+QUICK_TIME = "about 80 s on 2 free cores"
 FULL_TIME = "about 21 minutes on 2 free cores"
