@@ -31,6 +31,8 @@ __all__ = [
     "BY_NAME",
     "DEFAULTS",
     "RULE_OPTIONS",
+    "OP_OPTIONS",
+    "OP_SCHEMA_ARGS",
     "STATE_DTYPES",
     "KEEP",
     "REQUIRED",
@@ -199,6 +201,10 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME: Mapping[str, Option] = MappingProxyType({o.name: o for o in OPTIONS})
 DEFAULTS: Mapping[str, Any] = MappingProxyType({o.name: o.default for o in OPTIONS})
 RULE_OPTIONS: tuple[Option, ...] = tuple(o for o in OPTIONS if o.rule)
+# The Rule fields the compiled custom ops take as arguments: the update's numbers and switches
+# (a group with a state_dtype never reaches an op: it runs the low-bit paths eagerly).
+OP_OPTIONS: tuple[Option, ...] = tuple(o for o in RULE_OPTIONS if o.kind in ("number", "flag"))
+OP_SCHEMA_ARGS = ", ".join(f"{'float' if o.kind == 'number' else 'bool'} {o.name}" for o in OP_OPTIONS)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ...options import RULE_OPTIONS
+from ...options import OP_OPTIONS, OP_SCHEMA_ARGS, RULE_OPTIONS
 from ...rule import Rule
 from . import native
 from .cache import Entry, FusedCache
@@ -364,14 +364,11 @@ def _unreachable() -> None:
 
 # ----------------------------------------------------------------------------- torch.compile
 _LIST_ARGS = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")
-# The op serves torch's format only (a compiled step with a state_dtype takes the low-bit torch-op
-# path, see functional._compiled_lowbit): its schema has the update's numbers and switches.
-_OP_OPTIONS = tuple(o for o in RULE_OPTIONS if o.kind in ("number", "flag"))
 _SCHEMA = (
     "("
     + ", ".join(f"Tensor({chr(97 + i)}!)[] {name}" for i, name in enumerate(_LIST_ARGS))
     + ", Tensor lr, "
-    + ", ".join(f"{'float' if o.kind == 'number' else 'bool'} {o.name}" for o in _OP_OPTIONS)
+    + OP_SCHEMA_ARGS
     + ", int kinds, bool required, Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 torch.library.define("rmsprop::fused_step", _SCHEMA)
@@ -382,8 +379,8 @@ def _fused_step_impl(params, grads, square_avgs, grad_avgs, momentum_buffers, st
     """The op's body, run eagerly: the same validation and kernel call as the eager path (no
     cache). ``required`` is the user's fused=True; without it, what the kernel declines (memory
     shared between tensors, a conjugate bit...) takes torch's foreach path here, as in eager."""
-    rule_values, (kinds, required, grad_scale, found_inf) = args[: len(_OP_OPTIONS)], args[len(_OP_OPTIONS) :]
-    rule = Rule(**{o.name: v for o, v in zip(_OP_OPTIONS, rule_values, strict=True)})
+    rule_values, (kinds, required, grad_scale, found_inf) = args[: len(OP_OPTIONS)], args[len(OP_OPTIONS) :]
+    rule = Rule(**{o.name: v for o, v in zip(OP_OPTIONS, rule_values, strict=True)})
     lists = (
         list(params),
         list(grads),
@@ -424,7 +421,7 @@ def compiled_step(lists: Lists6, *, lr, rule: Rule, kinds: int, required: bool, 
         raise RuntimeError("the fused_step op steps state in torch's format only (state_dtype=None)")
     lr_tensor = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     torch.ops.rmsprop.fused_step(
-        *lists, lr_tensor, *(getattr(rule, o.name) for o in _OP_OPTIONS), kinds, required, grad_scale, found_inf
+        *lists, lr_tensor, *(getattr(rule, o.name) for o in OP_OPTIONS), kinds, required, grad_scale, found_inf
     )
 
 

@@ -32,7 +32,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from ...options import RULE_OPTIONS
+from ...options import OP_OPTIONS, OP_SCHEMA_ARGS
 from ...rule import Rule
 from . import loader, plan
 from .loader import available_under_compile, is_available, load_error
@@ -229,13 +229,11 @@ def _bump_versions(lists: Lists6, launch: plan.Launch, grads_written: bool) -> N
 
 # ----------------------------------------------------------------------------- torch.compile
 _LIST_ARGS = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")
-# torch's state format only (loader.ROUTED_ELSEWHERE): the schema has the update's numbers and switches.
-_OP_OPTIONS = tuple(o for o in RULE_OPTIONS if o.kind in ("number", "flag"))
 _SCHEMA = (
     "("
     + ", ".join(f"Tensor({chr(97 + i)}!)[] {name}" for i, name in enumerate(_LIST_ARGS))
     + ", Tensor lr, "
-    + ", ".join(f"{'float' if o.kind == 'number' else 'bool'} {o.name}" for o in _OP_OPTIONS)
+    + OP_SCHEMA_ARGS
     + ", Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 torch.library.define("rmsprop::triton_step", _SCHEMA)
@@ -243,8 +241,8 @@ torch.library.define("rmsprop::triton_step", _SCHEMA)
 
 @torch.library.impl("rmsprop::triton_step", "CompositeExplicitAutograd")
 def _triton_step_impl(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, *args):
-    rule_values, (grad_scale, found_inf) = args[: len(_OP_OPTIONS)], args[len(_OP_OPTIONS) :]
-    rule = Rule(**{o.name: v for o, v in zip(_OP_OPTIONS, rule_values, strict=True)})
+    rule_values, (grad_scale, found_inf) = args[: len(OP_OPTIONS)], args[len(OP_OPTIONS) :]
+    rule = Rule(**{o.name: v for o, v in zip(OP_OPTIONS, rule_values, strict=True)})
     lists = tuple(list(x) for x in (params, grads, square_avgs, grad_avgs, momentum_buffers, steps))
 
     def refuse(indices: list[int]):
@@ -275,7 +273,7 @@ def compiled_step(lists: Lists6, *, lr, rule: Rule, grad_scale, found_inf) -> No
     is a constant of the graph, guarded on, as for torch's optimizers)."""
     lr_tensor = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     torch.ops.rmsprop.triton_step(
-        *lists, lr_tensor, *(getattr(rule, o.name) for o in _OP_OPTIONS), grad_scale, found_inf
+        *lists, lr_tensor, *(getattr(rule, o.name) for o in OP_OPTIONS), grad_scale, found_inf
     )
 
 
