@@ -18,25 +18,23 @@ tensor lives.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 from torch import Tensor
 
+from ..entries import EntryCache, PersistedEntry
 from . import native
 
 __all__ = ["FusedCache", "Entry"]
 
-_MAX_ENTRIES = 64  # one per param group in practice; the bound only stops a pathological leak
 
-
-class Entry:
+class Entry(PersistedEntry):
     """The persistent half of one call's lists, described for the kernel."""
 
     def __init__(self, persisted: tuple[Sequence[Tensor], ...], has_complex: bool) -> None:
         # params, square_avgs, grad_avgs, bufs, steps, and the int8 scales of the three buffers
         # (lists with None where a record's state is not int8)
-        self.persisted = tuple(tuple(lst) for lst in persisted)
+        super().__init__(persisted)
         self.columns = tuple(
             (native.handles(lst) if k < 5 else native.optional_handles(lst)) if lst else None
             for k, lst in enumerate(self.persisted)
@@ -48,15 +46,6 @@ class Entry:
         self.grad_caused = False  # an exclusion came from a gradient (it may differ next step)
         self.records_address = native.buffer_address(self.records)
 
-    def matches(self, persisted: tuple[Sequence[Tensor], ...]) -> bool:
-        """True when ``persisted`` holds exactly these tensor objects, list by list."""
-        if len(self.persisted) != len(persisted):
-            return False
-        for mine, theirs in zip(self.persisted, persisted, strict=True):
-            if len(mine) != len(theirs) or not all(map(operator.is_, mine, theirs)):
-                return False
-        return True
-
     def leftovers(self) -> list[int]:
         """Indices of the records the kernel does not take."""
         if not any(self.excluded):
@@ -64,41 +53,16 @@ class Entry:
         return [i for i, s in enumerate(self.excluded) if s]
 
 
-class FusedCache:
+class FusedCache(EntryCache):
     """The fused backend's memory across steps; opaque to whoever holds it. ``others`` holds
     the other fused backends' caches by name (the Triton backend's: ``"triton"``), so that the
     caller carries one object, cleared as one."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, int], Entry] = {}
+        super().__init__()
         self.others: dict[str, object] = {}
 
     def clear(self) -> None:
-        self._entries.clear()
+        super().clear()
         for other in self.others.values():
             other.clear()  # type: ignore[attr-defined]
-
-    def lookup(self, persisted: tuple[Sequence[Tensor], ...]) -> Entry | None:
-        params = persisted[0]
-        entry = self._entries.get((id(params[0]), len(params))) if params else None
-        if entry is not None and entry.matches(persisted):
-            return entry
-        return None
-
-    def store(self, entry: Entry) -> None:
-        params = entry.persisted[0]
-        key = (id(params[0]), len(params))
-        self._entries.pop(key, None)
-        if len(self._entries) >= _MAX_ENTRIES:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = entry
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    # plans hold raw addresses: never copied or pickled with their owner
-    def __deepcopy__(self, memo) -> FusedCache:
-        return FusedCache()
-
-    def __reduce__(self):
-        return (FusedCache, ())

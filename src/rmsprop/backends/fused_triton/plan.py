@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..entries import EntryCache, PersistedEntry
+
 __all__ = ["TritonCache", "Entry", "Launch", "build_entry", "DEVICE_TYPES", "KINDS"]
 
 # Device types whose tensors the Triton backend steps. Tests add "cpu": CPU tensors then run
@@ -144,11 +146,11 @@ class Launch:
     chunk: int = CHUNK
 
 
-class Entry:
+class Entry(PersistedEntry):
     """Everything one call's tensors need between steps (see the module docstring)."""
 
     def __init__(self, persisted: tuple[Sequence[Tensor], ...]) -> None:
-        self.persisted = tuple(tuple(lst) for lst in persisted)  # params, square_avgs, grad_avgs, bufs, steps
+        super().__init__(persisted)  # params, square_avgs, grad_avgs, bufs, steps
         self.ptrs = [list(map(Tensor.data_ptr, lst)) if lst else None for lst in self.persisted]
         self.dtypes = [list(map(_DTYPE, lst)) if lst else None for lst in self.persisted]
         self.numels = [list(map(Tensor.numel, lst)) if lst else None for lst in self.persisted]
@@ -168,13 +170,6 @@ class Entry:
         self.written_starts = np.empty(0, dtype=np.int64)  # sorted, disjoint: validated so
         self.written_ends = np.empty(0, dtype=np.int64)
 
-    def matches(self, persisted: tuple[Sequence[Tensor], ...]) -> bool:
-        """True when ``persisted`` holds exactly these tensor objects, list by list."""
-        for mine, theirs in zip(self.persisted, persisted, strict=True):
-            if len(mine) != len(theirs) or not all(map(operator.is_, mine, theirs)):
-                return False
-        return True
-
     def unchanged(self, persisted: tuple[Sequence[Tensor], ...]) -> bool:
         """Every persistent tensor has the data pointer, dtype and element count it had."""
         for k, lst in enumerate(persisted):
@@ -192,44 +187,15 @@ class Entry:
         return sorted(self.excluded)
 
 
-class TritonCache:
+class TritonCache(EntryCache):
     """The Triton backend's memory across steps; opaque to whoever holds it.
 
     It also keeps alive every device table a CUDA graph captured (a replay reads the addresses
-    the capture saw), for as long as the cache lives."""
-
-    _MAX_ENTRIES = 64
+    the capture saw), for as long as the cache lives: ``clear`` forgets the entries only."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, int], Entry] = {}
+        super().__init__()
         self.captured: list[object] = []
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def lookup(self, persisted: tuple[Sequence[Tensor], ...]) -> Entry | None:
-        params = persisted[0]
-        entry = self._entries.get((id(params[0]), len(params))) if params else None
-        if entry is not None and entry.matches(persisted):
-            return entry
-        return None
-
-    def store(self, entry: Entry) -> None:
-        params = entry.persisted[0]
-        key = (id(params[0]), len(params))
-        self._entries.pop(key, None)
-        if len(self._entries) >= self._MAX_ENTRIES:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = entry
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __deepcopy__(self, memo) -> TritonCache:
-        return TritonCache()
-
-    def __reduce__(self):
-        return (TritonCache, ())
 
 
 # ----------------------------------------------------------------------------- checks

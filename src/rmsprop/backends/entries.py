@@ -1,0 +1,70 @@
+"""What the fused backends keep between steps, found by the identity of the tensors that persist
+between steps (parameters and their state). Each backend's entry adds what it remembers (the CPU
+kernel's handle columns and memo, the Triton kernel's address tables); the cache belongs to its
+caller, so nothing here outlives the optimizer.
+
+An entry holds strong references to the tensors it describes: an address it keeps is only valid
+while its tensor lives.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+from torch import Tensor
+
+__all__ = ["PersistedEntry", "EntryCache"]
+
+
+class PersistedEntry:
+    """The persistent half of one call's lists, held tensor by tensor."""
+
+    def __init__(self, persisted: tuple[Sequence[Tensor], ...]) -> None:
+        self.persisted = tuple(tuple(lst) for lst in persisted)
+
+    def matches(self, persisted: tuple[Sequence[Tensor], ...]) -> bool:
+        """True when ``persisted`` holds exactly these tensor objects, list by list."""
+        if len(self.persisted) != len(persisted):
+            return False
+        for mine, theirs in zip(self.persisted, persisted, strict=True):
+            if len(mine) != len(theirs) or not all(map(operator.is_, mine, theirs)):
+                return False
+        return True
+
+
+class EntryCache:
+    """Entries keyed by their first parameter and their length; found only when every persistent
+    tensor is the same object. Never copied or pickled with its owner (entries hold addresses)."""
+
+    _MAX_ENTRIES = 64  # one per param group in practice; the bound only stops a pathological leak
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int], PersistedEntry] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def lookup(self, persisted: tuple[Sequence[Tensor], ...]):
+        params = persisted[0]
+        entry = self._entries.get((id(params[0]), len(params))) if params else None
+        if entry is not None and entry.matches(persisted):
+            return entry
+        return None
+
+    def store(self, entry: PersistedEntry) -> None:
+        params = entry.persisted[0]
+        key = (id(params[0]), len(params))
+        self._entries.pop(key, None)
+        if len(self._entries) >= self._MAX_ENTRIES:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = entry
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return (type(self), ())
