@@ -136,6 +136,17 @@ def test_sizes_including_thread_boundaries(size):
         np.testing.assert_allclose(p.detach().numpy(), ref.param, rtol=1e-10, atol=1e-12)
 
 
+def test_an_empty_gradient_with_other_strides_is_stepped():
+    """An empty tensor places no element, so its strides mean nothing: fused=True must not refuse
+    a gradient whose strides differ (found by the property test, shape (0, 0, 1))."""
+    p = torch.zeros((0, 0, 1), dtype=torch.float64, requires_grad=True)
+    p.grad = torch.empty_strided((0, 0, 1), (5, 7, 3), dtype=torch.float64)
+    opt = rmsprop.RMSprop([p], lr=0.1, fused=True)
+    opt.step()
+    opt.step()
+    assert float(opt.state[p]["step"]) == 2.0
+
+
 def test_many_threads_give_the_same_result_as_one():
     params = make_params(torch.float32, shapes=((300_000,), (70_001,)))
     grads = make_grads(params, steps=3)

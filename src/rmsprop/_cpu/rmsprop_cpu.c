@@ -404,12 +404,13 @@ static int dense(const rms_view *t) {
     return 1;
 }
 
-/* Same sizes, and the same strides wherever a size is not 1 (only those place elements). */
+/* Same sizes, and the same strides wherever a size is not 1 (only those place elements); an
+ * empty tensor places none, so any strides match (torch gives empty tensors arbitrary ones). */
 static int same_shape(const rms_view *a, const rms_view *b) {
     if (a->dim != b->dim || a->numel != b->numel) return 0;
     for (int64_t d = 0; d < a->dim; d++) {
         if (a->sizes[d] != b->sizes[d]) return 0;
-        if (a->sizes[d] != 1 && a->strides[d] != b->strides[d]) return 0;
+        if (a->numel > 0 && a->sizes[d] != 1 && a->strides[d] != b->strides[d]) return 0;
     }
     return 1;
 }
