@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -10,6 +11,17 @@ import torch
 from cases import BACKENDS  # noqa: F401  (re-exported: the tests' one table of backends)
 
 SHAPES: tuple[tuple[int, ...], ...] = ((3, 4), (5,), (2, 3, 2), (1,))
+
+
+def _cpu_flags() -> str:
+    return open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+
+
+# Each level the fused kernel has code for, where this CPU runs it (the portable code runs
+# anywhere); the `isa` fixture (conftest) runs a test at each.
+ISA_LEVELS = ["portable", "avx2+f16c", "avx512"]
+ISA_PRESENT = {"portable": True, "avx2+f16c": " avx2" in _cpu_flags() and " f16c" in _cpu_flags(),
+               "avx512": " avx512f" in _cpu_flags()}  # fmt: skip
 
 
 def make_params(

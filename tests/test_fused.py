@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from cases import HALF_ULP, NAMED
+from helpers import ISA_LEVELS as _LEVELS
+from helpers import ISA_PRESENT as _HAS
 from helpers import make_grads, make_params, run, spy_kernel
 
 import rmsprop
@@ -471,27 +473,6 @@ def _convert(name: str, source: torch.Tensor, out: torch.Tensor) -> None:
     keep = (native.handles([source]), native.handles([out]))
     status = getattr(native.LIB, name)(keep[0].buffer_info()[0], keep[1].buffer_info()[0])
     assert status == 0, status
-
-
-def _cpu_flags() -> str:
-    return open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-
-
-# Each level the kernel has code for, where this CPU runs it (the portable code runs anywhere).
-_LEVELS = ["portable", "avx2+f16c", "avx512"]
-_HAS = {"portable": True, "avx2+f16c": " avx2" in _cpu_flags() and " f16c" in _cpu_flags(),
-        "avx512": " avx512f" in _cpu_flags()}  # fmt: skip
-
-
-@pytest.fixture(params=[pytest.param(level, marks=pytest.mark.skipif(not _HAS[level], reason=f"no {level} here"))
-                        for level in _LEVELS])  # fmt: skip
-def isa(request):
-    """Each test runs at each instruction-set level this CPU has (portable, AVX2 + F16C,
-    AVX-512): each must round exactly like torch."""
-    chosen = native.use_isa(request.param)
-    assert chosen == request.param
-    yield chosen
-    native.use_isa("best")
 
 
 def _rounding_candidates(values: torch.Tensor) -> torch.Tensor:

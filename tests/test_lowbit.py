@@ -332,6 +332,37 @@ def test_fused_foreach_and_per_tensor_give_the_same_bits(case, fmt, dtype):
         assert o0.state[p0[1]]["square_avg"].dtype == torch.promote_types(dtype, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+@pytest.mark.parametrize("case", list(PATH_CASES))
+def test_the_kernel_gives_the_torch_op_bits_at_every_isa(case, fmt, dtype, isa):
+    """The low-bit block loops are compiled once per instruction-set level (portable, AVX2,
+    AVX-512: the compiler vectorizes them differently at each); each level gives the bits of the
+    torch-op path, parameters and every state tensor (1000-element tensors: a partial block)."""
+    shapes = [(4096 + 1000,), (3, 1000)]
+    results = []
+    for path in ({"fused": True}, {"foreach": True}):
+        ps = [_param(s, seed=i, dtype=dtype) for i, s in enumerate(shapes)]
+        opt = rmsprop.RMSprop(ps, lr=LR, state_dtype=FORMATS[fmt], int8_min_numel=1000, **PATH_CASES[case], **path)
+        for t in range(3):
+            for i, p in enumerate(ps):
+                p.grad = _grads(p.shape, 1, seed=10 * t + i, dtype=dtype)[0]
+                if t == 2:  # a non-finite gradient: the NaN codes and the scales' rule for them
+                    p.grad.view(-1)[[7, 4100 % p.numel()]] = torch.tensor([float("inf"), float("nan")], dtype=dtype)
+            opt.step()
+        results.append((ps, opt))
+    (p0, o0), (p1, o1) = results
+    for a, b in zip(p0, p1, strict=True):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        assert set(o0.state[a]) == set(o1.state[b])
+        for key, value in o0.state[a].items():
+            other = o1.state[b][key]
+            assert torch.equal(value.isnan(), other.isnan()) if value.is_floating_point() else True
+            assert torch.equal(value.nan_to_num() if value.is_floating_point() else value,
+                               other.nan_to_num() if other.is_floating_point() else other), key  # fmt: skip
+
+
 def test_the_fused_kernel_steps_low_bit_state(monkeypatch):
     from helpers import spy_kernel
 

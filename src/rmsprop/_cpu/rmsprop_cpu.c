@@ -787,6 +787,7 @@ static void f32_to_bf16_avx512(const float *in, uint16_t *out, int64_t n);
 static void f16_to_f32_avx512(const uint16_t *in, float *out, int64_t n);
 static void f32_to_f16_avx512(const float *in, uint16_t *out, int64_t n);
 #endif
+static void select_lowbit_loop(int32_t level, int avx512_lowbit);
 
 /* The best conversions and loops this CPU runs (isa = -1), or the best up to a level (0: the
  * portable ones, 2: AVX2 + F16C at most) — for tests, which check each, and benchmarks, which
@@ -794,6 +795,7 @@ static void f32_to_f16_avx512(const float *in, uint16_t *out, int64_t n);
 int32_t rmsprop_set_isa(int32_t isa) {
     rms_converters chosen = portable_converters;
     int32_t got = 0;
+    int avx512_lowbit = 0;
     const int32_t cap = isa < 0 ? 3 : isa;
 #ifdef RMS_HAVE_X86_SIMD
     if (cap >= 1) {
@@ -811,6 +813,8 @@ int32_t rmsprop_set_isa(int32_t isa) {
                     chosen = (rms_converters){bf16_to_f32_avx512, f16_to_f32_avx512, f32_to_bf16_avx512,
                                               f32_to_f16_avx512};
                     got = 3;
+                    avx512_lowbit = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                                    __builtin_cpu_supports("avx512vl");
                 }
             }
         }
@@ -819,6 +823,7 @@ int32_t rmsprop_set_isa(int32_t isa) {
     (void)cap;
 #endif
     g_cvt = chosen;
+    select_lowbit_loop(got, avx512_lowbit);
     atomic_store(&g_isa, got);
     return got;
 }
@@ -941,6 +946,8 @@ DEFINE_VLOOP(vloop_f16, RMS_AVX2, 256, 8, vload_f16, vstore_f16)
  * roundings as the AVX2 code (bf16: the integer round-half-even, NaN -> 0x7fc0; fp16: the
  * hardware's round-to-nearest-even), checked exhaustively like the others. */
 #define RMS_AVX512 __attribute__((target("avx512f,avx2,f16c")))
+/* the low-bit block loops use byte and word lanes and masks: AVX-512 BW, DQ and VL besides F */
+#define RMS_AVX512_LOWBIT __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")))
 RMS_AVX512 static inline __m512 vload_bf16_512(const uint16_t *x) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
 }
@@ -1050,16 +1057,26 @@ RMS_INLINE void dequant_s8(const uint8_t *restrict c, float scale, float *restri
         out[i] = v * scale;
     }
 }
-/* Quantize a block; returns its scale. r: 16 random bits per value (stochastic rounding; 0x8000
- * everywhere rounds to nearest). Adding the random bits below the kept ones and truncating
+/* Quantize a block; returns its scale. q: 16 random bits per value (stochastic rounding). Adding the random bits below the kept ones and truncating
  * rounds up with probability equal to the dropped fraction: linear between the neighbouring
  * codes. Written with integer masks, the float compares done on bit patterns (their order is the
  * values' for non-negative floats), so that GCC vectorizes both loops (it gives up on selects
  * that mix float and integer conditions, and on float max reductions without -ffast-math). */
 #define RMS_MASK(cond) (-(uint32_t)(cond))
-RMS_INLINE float quant_u8(const float *restrict x, const uint16_t *restrict r, uint8_t *restrict out, int64_t n) {
+/* The 16 random bits of a block's element i: a half of the hash of its position (rms_rand). They
+ * are computed where they are used, in the quantizing loop: no buffer of bits to write and read. */
+typedef struct {
+    uint32_t base; /* the low 32 bits of the block's first position */
+    uint32_t key;  /* the step's key for this stream, mixed with the position's high 32 bits */
+    int low;       /* 1: the hash's low 16 bits; 0: its high 16 */
+} rms_rand;
+RMS_INLINE uint32_t rand16(const rms_rand *q, uint32_t i) {
+    const uint32_t h = mix32((q->base + i) ^ q->key);
+    return q->low ? h & 0xffffu : h >> 16;
+}
+RMS_INLINE float quant_u8(const float *restrict x, const rms_rand *q, uint8_t *restrict out, int64_t n) {
     uint32_t top = 0;
-    for (int64_t i = 0; i < n; i++) {
+    for (uint32_t i = 0; i < (uint32_t)n; i++) {
         const uint32_t u = f2u(x[i]);
         const uint32_t m = u & RMS_MASK(u - 1u < 0x7f7fffffu); /* finite and > 0 (+0 wraps around) */
         top = top > m ? top : m;
@@ -1068,7 +1085,7 @@ RMS_INLINE float quant_u8(const float *restrict x, const uint16_t *restrict r, u
     absmax = absmax < RMS_TINY ? RMS_TINY : absmax;
     const float scale = absmax / U8_QMAX, inv = U8_QMAX / absmax;
     const uint32_t normal_min = f2u(U8_NORMAL_MIN);
-    for (int64_t i = 0; i < n; i++) {
+    for (uint32_t i = 0; i < (uint32_t)n; i++) {
         const uint32_t u = f2u(x[i]);
         const uint32_t pos = RMS_MASK(u - 1u < 0x7f7fffffu), fin = RMS_MASK((u & 0x7fffffffu) < 0x7f800000u);
         const float a = u2f(f2u(x[i] * inv) & pos); /* x / scale, or 0 for x <= 0 and non-finite x */
@@ -1076,7 +1093,7 @@ RMS_INLINE float quant_u8(const float *restrict x, const uint16_t *restrict r, u
         /* below the normal range the codes are linear: a + NORMAL_MIN is a normal float whose
          * mantissa holds a in steps of the subnormal codes, so one formula rounds both ranges */
         const float z = a + u2f(normal_min & sub);
-        int32_t code = (int32_t)((f2u(z) + ((uint32_t)r[i] << (U8_SHIFT - 16))) >> U8_SHIFT) - U8_OFFSET -
+        int32_t code = (int32_t)((f2u(z) + (rand16(q, i) << (U8_SHIFT - 16))) >> U8_SHIFT) - U8_OFFSET -
                        (int32_t)(U8_FIRST & sub);
         code = code < 0 ? 0 : code;
         code = code > 0xfe ? 0xfe : code;
@@ -1086,9 +1103,9 @@ RMS_INLINE float quant_u8(const float *restrict x, const uint16_t *restrict r, u
     }
     return scale;
 }
-RMS_INLINE float quant_s8(const float *restrict x, const uint16_t *restrict r, uint8_t *restrict out, int64_t n) {
+RMS_INLINE float quant_s8(const float *restrict x, const rms_rand *q, uint8_t *restrict out, int64_t n) {
     uint32_t top = 0;
-    for (int64_t i = 0; i < n; i++) {
+    for (uint32_t i = 0; i < (uint32_t)n; i++) {
         const uint32_t a = f2u(x[i]) & 0x7fffffffu;
         const uint32_t m = a & RMS_MASK(a < 0x7f800000u); /* |x| of a finite x */
         top = top > m ? top : m;
@@ -1097,13 +1114,13 @@ RMS_INLINE float quant_s8(const float *restrict x, const uint16_t *restrict r, u
     absmax = absmax < RMS_TINY ? RMS_TINY : absmax;
     const float scale = absmax / S8_QMAX, inv = S8_QMAX / absmax;
     const uint32_t normal_min = f2u(S8_NORMAL_MIN);
-    for (int64_t i = 0; i < n; i++) {
+    for (uint32_t i = 0; i < (uint32_t)n; i++) {
         const uint32_t u = f2u(x[i]);
         const uint32_t fin = RMS_MASK((u & 0x7fffffffu) < 0x7f800000u), neg = RMS_MASK(u >> 31);
         const float a = u2f(f2u(u2f(u & 0x7fffffffu) * inv) & fin);
         const uint32_t sub = RMS_MASK(f2u(a) < normal_min);
         const float z = a + u2f(normal_min & sub);
-        int32_t code = (int32_t)((f2u(z) + ((uint32_t)r[i] << (S8_SHIFT - 16))) >> S8_SHIFT) - S8_OFFSET -
+        int32_t code = (int32_t)((f2u(z) + (rand16(q, i) << (S8_SHIFT - 16))) >> S8_SHIFT) - S8_OFFSET -
                        (int32_t)(S8_FIRST & sub);
         code = code < 0 ? 0 : code;
         code = code > 0x7f ? 0x7f : code;
@@ -1113,9 +1130,9 @@ RMS_INLINE float quant_s8(const float *restrict x, const uint16_t *restrict r, u
     }
     return scale;
 }
-RMS_INLINE void store_bf16_sr(const float *restrict x, const uint16_t *restrict r, uint16_t *restrict out, int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t top = (f2u(x[i]) + (uint32_t)r[i]) >> 16;
+RMS_INLINE void store_bf16_sr(const float *restrict x, const rms_rand *q, uint16_t *restrict out, int64_t n) {
+    for (uint32_t i = 0; i < (uint32_t)n; i++) {
+        uint32_t top = (f2u(x[i]) + rand16(q, i)) >> 16;
         out[i] = (uint16_t)(x[i] != x[i] ? 0x7fc0u : top);
     }
 }
@@ -1202,7 +1219,7 @@ RMS_INLINE void load_state(const rms_record *x, const void *base, const float *s
     }
 }
 RMS_INLINE void store_state(const rms_record *x, void *base, float *scales, int signed_map, int64_t i0,
-                        const float *src, const uint16_t *r, int64_t n) {
+                        const float *src, const rms_rand *r, int64_t n) {
     if (x->fmt == RMS_FMT_INT8) {
         uint8_t *codes = (uint8_t *)base + i0;
         scales[i0 / RMS_BLOCK] = signed_map ? quant_s8(src, r, codes, n) : quant_u8(src, r, codes, n);
@@ -1214,15 +1231,14 @@ RMS_INLINE void store_state(const rms_record *x, void *base, float *scales, int 
 }
 
 /* Elements [lo, hi) of a low-bit record (lo a multiple of RMS_BLOCK), block by block. A float32
- * parameter and gradient are used in place (P and G point into them): no copy. */
-RMS_CLONES static void loop_lowbit(const rms_record *x, int64_t lo, int64_t hi, const rms_scalars *c,
-                                   const rms_rec_scalars *rs, int write_back, int variant) {
+ * parameter and gradient are used in place (P and G point into them): no copy. Compiled once per
+ * instruction-set level below (its loops are vectorized by the compiler). */
+RMS_INLINE void lowbit_blocks(const rms_record *x, int64_t lo, int64_t hi, const rms_scalars *c,
+                              const rms_rec_scalars *rs, int write_back, int variant) {
     float Pbuf[RMS_BLOCK], Gbuf[RMS_BLOCK], V[RMS_BLOCK], Mb[RMS_BLOCK], B[RMS_BLOCK];
-    uint16_t R0[RMS_BLOCK], R1[RMS_BLOCK], R2[RMS_BLOCK];
     const int in_place = x->kind == RMS_F32;
     const int eps_inside = variant & 1, coupled = (variant >> 1) & 1, kind = (variant >> 2) % 3;
     const int cform = (variant >> 2) / 3;
-    const int random = x->fmt == RMS_FMT_BF16SR || x->fmt == RMS_FMT_INT8;
     const size_t psz = storage_size(x->kind);
     const float inv_scale = (float)c->inv_scale;
     for (int64_t i0 = lo; i0 < hi; i0 += RMS_BLOCK) {
@@ -1244,24 +1260,49 @@ RMS_CLONES static void loop_lowbit(const rms_record *x, int64_t lo, int64_t hi, 
         if (x->m) load_state(x, x->m, (const float *)x->ms, 1, i0, Mb, len);
         if (x->b) load_state(x, x->b, (const float *)x->bs, 1, i0, B, len);
         RMS_LB_EXPAND(cform, kind, coupled, eps_inside)
-        if (random) {
-            /* a block never straddles a multiple of 2^32 elements: one key for its high half */
-            const uint32_t hi32 = (uint32_t)((uint64_t)i0 >> 32);
-            const uint32_t e0 = mix32(rs->key0 ^ mix32(hi32)), e1 = mix32(rs->key1 ^ mix32(hi32));
-            const uint32_t base = (uint32_t)i0;
-            for (int64_t i = 0; i < len; i++) {
-                const uint32_t h0 = mix32((base + (uint32_t)i) ^ e0);
-                R0[i] = (uint16_t)(h0 >> 16);
-                R1[i] = (uint16_t)(h0 & 0xffffu);
-            }
-            if (x->b)
-                for (int64_t i = 0; i < len; i++) R2[i] = (uint16_t)(mix32((base + (uint32_t)i) ^ e1) >> 16);
-        }
-        store_state(x, x->v, (float *)x->vs, 0, i0, V, R0, len);
-        if (x->m) store_state(x, x->m, (float *)x->ms, 1, i0, Mb, R1, len);
-        if (x->b) store_state(x, x->b, (float *)x->bs, 1, i0, B, R2, len);
+        /* the random bits: v takes the high half of hash(position ^ key0), m its low half, the
+         * momentum buffer the high half of hash(position ^ key1). A block never straddles a
+         * multiple of 2^32 elements: one key for its positions' high half. */
+        const uint32_t hi32 = (uint32_t)((uint64_t)i0 >> 32);
+        const uint32_t e0 = mix32(rs->key0 ^ mix32(hi32)), e1 = mix32(rs->key1 ^ mix32(hi32));
+        const rms_rand r_v = {(uint32_t)i0, e0, 0}, r_m = {(uint32_t)i0, e0, 1}, r_b = {(uint32_t)i0, e1, 0};
+        store_state(x, x->v, (float *)x->vs, 0, i0, V, &r_v, len);
+        if (x->m) store_state(x, x->m, (float *)x->ms, 1, i0, Mb, &r_m, len);
+        if (x->b) store_state(x, x->b, (float *)x->bs, 1, i0, B, &r_b, len);
         if (!in_place) store_kind(x->kind, P, pp, len);
     }
+}
+
+/* lowbit_blocks at each level: the block loops are compute-bound (dequantize, hash, quantize), so
+ * AVX-512 pays here where it does not on the memory-bound float loops: the int8 step takes
+ * about 0.55x the AVX2 code's time on the benchmark machine. Picked by rmsprop_set_isa, like the
+ * conversions, so the tests check that every level gives the same bits. */
+typedef void (*rms_lowbit_fn)(const rms_record *, int64_t, int64_t, const rms_scalars *, const rms_rec_scalars *,
+                              int, int);
+#define DEFINE_LOWBIT(NAME, TARGET)                                                                  \
+    TARGET static void NAME(const rms_record *x, int64_t lo, int64_t hi, const rms_scalars *c,      \
+                            const rms_rec_scalars *rs, int write_back, int variant) {               \
+        lowbit_blocks(x, lo, hi, c, rs, write_back, variant);                                       \
+    }
+DEFINE_LOWBIT(loop_lowbit_portable, )
+#ifdef RMS_HAVE_X86_SIMD
+DEFINE_LOWBIT(loop_lowbit_avx2, RMS_AVX2)
+DEFINE_LOWBIT(loop_lowbit_avx512, RMS_AVX512_LOWBIT)
+#endif
+static _Atomic(rms_lowbit_fn) g_loop_lowbit = loop_lowbit_portable;
+static void select_lowbit_loop(int32_t level, int avx512_lowbit) {
+    rms_lowbit_fn chosen = loop_lowbit_portable;
+#ifdef RMS_HAVE_X86_SIMD
+    if (level >= 2) chosen = avx512_lowbit ? loop_lowbit_avx512 : loop_lowbit_avx2;
+#else
+    (void)level;
+    (void)avx512_lowbit;
+#endif
+    atomic_store(&g_loop_lowbit, chosen);
+}
+static void loop_lowbit(const rms_record *x, int64_t lo, int64_t hi, const rms_scalars *c,
+                        const rms_rec_scalars *rs, int write_back, int variant) {
+    atomic_load_explicit(&g_loop_lowbit, memory_order_relaxed)(x, lo, hi, c, rs, write_back, variant);
 }
 
 /* The memory-traffic bound for benchmarks: the same bytes as a plain fp32 step (read p, g, v;
