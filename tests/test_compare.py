@@ -362,3 +362,51 @@ def test_a_saved_run_gives_the_same_verdicts(small_results):
 
     again, _ = claims.judge(from_json(to_json(small_results))["tasks"])
     assert again == small_results["claims"]
+
+
+# --------------------------------------------------------------------------- the state-format study
+def test_state_format_optimizers_keep_their_state_in_their_format():
+    """Each entry of the state-format study stores RMSprop momentum's two buffers in its format
+    ("int8" leaves a tensor under int8_min_numel in float32, "all tensors" does not), and the
+    default study leaves them out."""
+    from rmsprop.experiments.optimizers import (
+        DEFAULT_OPTIMIZERS,
+        OPTIMIZERS,
+        STATE_FORMAT_STUDY,
+        STATE_FORMATS,
+    )
+
+    want = {"RMSprop momentum": (torch.float32, torch.float32), "RMSprop momentum, bf16 state": (torch.bfloat16,) * 2,
+            "RMSprop momentum, int8 state": (torch.uint8, torch.float32),
+            "RMSprop momentum, int8 state, all tensors": (torch.uint8, torch.uint8)}  # fmt: skip
+    assert list(want) == list(STATE_FORMAT_STUDY)
+    for name, (large, small) in want.items():
+        params = [torch.zeros(5000, requires_grad=True), torch.zeros(10, requires_grad=True)]
+        opt = OPTIMIZERS[name](params, 0.01)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        for p, dtype in zip(params, (large, small), strict=True):
+            assert {opt.state[p]["square_avg"].dtype, opt.state[p]["momentum_buffer"].dtype} == {dtype}, name
+    assert not set(DEFAULT_OPTIMIZERS) & set(STATE_FORMATS)
+
+
+def test_state_formats_table_compares_each_format_with_float32_state():
+    from rmsprop.experiments.report import state_formats_table
+
+    def entry(finals, lr):
+        return {"report": finals, "report_mean": sum(finals) / len(finals), "at_grid_edge": False, "best_lr": lr,
+                "runs": {"best": {"scores": finals}}}  # fmt: skip
+
+    names = ["RMSprop momentum", "RMSprop momentum, int8 state", "RMSprop momentum, bf16 state"]
+    task = {"metric": "loss", "initial": 10.0,
+            "optimizers": {names[0]: entry([1.0, 3.0, 2.0], 0.01), names[1]: entry([2.5, 2.5, 2.5], 0.001),
+                           names[2]: entry([1.5, 3.5, 2.5], 0.01)}}  # fmt: skip
+    results = {"setup": {"optimizers": names}, "tasks": {"seed": task}}
+    rows = state_formats_table(results)
+    assert rows[0] == ["task", "metric", "float32 state", "bf16 state", "int8 state"]  # the study's order
+    # the same +25%: inside the noise for one (seeds disagree), worse for the other (all three agree)
+    assert rows[1] == ["seed", "*loss*", "2 at lr 0.01", "2.5 at lr 0.01 (+25.0%, **worse**)",
+                       "2.5 at lr 0.001 (+25.0%, tie)"]  # fmt: skip
+    results["setup"]["optimizers"] = names[:1]
+    assert state_formats_table(results) is None  # no format to compare: no section

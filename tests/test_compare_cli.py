@@ -116,3 +116,23 @@ def test_ctrl_c_stops_at_once_ends_the_workers_and_writes_nothing(tmp_path):
         time.sleep(0.1)
     assert not [p for p in workers if _alive(p)], "orphaned workers"
     assert not any(out.iterdir())  # no report, no staging folder
+
+
+def test_state_formats_runs_the_state_format_study(tmp_path, monkeypatch):
+    """--state-formats hands run_compare RMSprop momentum and its low-bit formats; it cannot be
+    combined with --optimizers."""
+    from rmsprop.experiments import runner
+    from rmsprop.experiments.optimizers import STATE_FORMAT_STUDY
+
+    seen = {}
+
+    def started(**kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_compare", started)
+    cli.main(["compare", "--quick", "--state-formats", "--out", str(tmp_path / "out")])
+    assert seen["optimizers"] == list(STATE_FORMAT_STUDY)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compare", "--state-formats", "--optimizers", "Adam", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2

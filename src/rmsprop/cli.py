@@ -209,6 +209,7 @@ def _compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .experiments import report
+    from .experiments.optimizers import STATE_FORMAT_STUDY
     from .experiments.runner import default_workers, run_compare, run_details
 
     workers = args.workers or default_workers()
@@ -217,7 +218,7 @@ def _compare(args: argparse.Namespace) -> int:
         results = run_compare(
             quick=args.quick,
             tasks=args.tasks,
-            optimizers=args.optimizers,
+            optimizers=list(STATE_FORMAT_STUDY) if args.state_formats else args.optimizers,
             selection_seeds=args.selection_seeds,
             report_seeds=args.report_seeds,
             seed=args.seed,
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     from .experiments import FULL_TIME, QUICK_TIME
-    from .experiments.optimizers import OPTIMIZERS
+    from .experiments.optimizers import OPTIMIZERS, STATE_FORMAT_STUDY
     from .experiments.tasks import TASKS
 
     compare = sub.add_parser("compare", help="test RMSProp's claims with real training runs; write a report")
@@ -327,8 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--tasks", nargs="+", choices=list(TASKS), metavar="NAME", help=f"from {list(TASKS)}"
     )
-    compare.add_argument(
+    which = compare.add_mutually_exclusive_group()
+    which.add_argument(
         "--optimizers", nargs="+", choices=list(OPTIMIZERS), metavar="NAME", help=f"from {list(OPTIMIZERS)}"
+    )
+    which.add_argument(
+        "--state-formats",
+        action="store_true",
+        help=f"the state-format study instead: {list(STATE_FORMAT_STUDY)} (float32, bf16 and int8 state)",
     )
     compare.add_argument(
         "--selection-seeds",

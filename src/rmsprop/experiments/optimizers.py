@@ -21,6 +21,21 @@ OPTIMIZERS: dict[str, Factory] = {
     "RMSprop centered": lambda ps, lr: RMSprop(ps, lr=lr, centered=True),
     "RMSprop momentum": lambda ps, lr: RMSprop(ps, lr=lr, momentum=0.9),
 }
+# The optimizers of the default study (`rmsprop compare` without --optimizers).
+DEFAULT_OPTIMIZERS = tuple(OPTIMIZERS)
+# The state-format study (`rmsprop compare --state-formats`): RMSprop momentum, whose two buffers
+# (square_avg, momentum_buffer) are what low-bit state shrinks, with each format. "int8" keeps
+# tensors below int8_min_numel (4096 elements) in float32, which on these small models is most
+# of them; "all tensors" quantizes every tensor, the worst case for accuracy.
+STATE_FORMATS: dict[str, Factory] = {
+    "RMSprop momentum, bf16 state": lambda ps, lr: RMSprop(ps, lr=lr, momentum=0.9, state_dtype=torch.bfloat16),
+    "RMSprop momentum, int8 state": lambda ps, lr: RMSprop(ps, lr=lr, momentum=0.9, state_dtype="int8"),
+    "RMSprop momentum, int8 state, all tensors": lambda ps, lr: RMSprop(
+        ps, lr=lr, momentum=0.9, state_dtype="int8", int8_min_numel=0
+    ),
+}
+OPTIMIZERS.update(STATE_FORMATS)
+STATE_FORMAT_STUDY = ("RMSprop momentum", *STATE_FORMATS)
 # The RMSProp the general claims judge: plain RMSProp in torch's form. The others are variants,
 # each judged on its own row, never folded into a best-of.
 RMSPROP = "RMSprop (torch)"
@@ -36,6 +51,9 @@ DESCRIPTIONS = {
     "RMSprop (seed)": "rmsprop.RMSprop, preset 'seed' (the seed document's alpha and eps inside the root)",
     "RMSprop centered": "rmsprop.RMSprop(centered=True): divides by the gradient's variance estimate",
     "RMSprop momentum": "rmsprop.RMSprop(momentum=0.9)",
+    "RMSprop momentum, bf16 state": "rmsprop.RMSprop(momentum=0.9, state_dtype=torch.bfloat16)",
+    "RMSprop momentum, int8 state": "rmsprop.RMSprop(momentum=0.9, state_dtype='int8'): tensors under 4096 elements keep float32 state",
+    "RMSprop momentum, int8 state, all tensors": "rmsprop.RMSprop(momentum=0.9, state_dtype='int8', int8_min_numel=0)",
 }
 # The hyperparameters worth stating (whatever else a param group holds are switches left off).
 _SHOWN = (
@@ -55,7 +73,12 @@ _SHOWN = (
 def settings(name: str) -> dict:
     """Every hyperparameter but the lr, read from the optimizer itself as the study builds it."""
     group = OPTIMIZERS[name]([torch.zeros(1, requires_grad=True)], 0.1).param_groups[0]
-    return {k: group[k] for k in _SHOWN if k in group}
+    shown = {k: group[k] for k in _SHOWN if k in group}
+    if group.get("state_dtype") is not None:  # the state format, where it is not the default
+        shown["state_dtype"] = str(group["state_dtype"])
+        if group["state_dtype"] == "int8":
+            shown["int8_min_numel"] = group["int8_min_numel"]
+    return shown
 
 
 def hyperparameters(names: list[str]) -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import claims as claim_rules
 from . import measures
-from .optimizers import DESCRIPTIONS, RMSPROP, RMSPROP_VARIANTS, hyperparameters
+from .optimizers import DESCRIPTIONS, RMSPROP, RMSPROP_VARIANTS, STATE_FORMAT_STUDY, hyperparameters
 
 # The optimizers of the main figures: the baselines and the RMSProp the general claims judge.
 MAIN = ("SGD", "SGD+momentum", "Adagrad", "Adam", RMSPROP)
@@ -351,6 +351,32 @@ def summary_table(results: dict) -> list[list[str]]:
     return rows
 
 
+_VERSUS_FLOAT32 = {measures.WIN: "**better**", measures.TIE: "tie", measures.LOSS: "**worse**"}
+
+
+def state_formats_table(results: dict) -> list[list[str]] | None:
+    """Task x state format (the state-format study, `--state-formats`): each format's mean final
+    metric at its chosen lr, and its change against float32 state (RMSprop momentum); None when
+    the run has no format to compare."""
+    base, formats = STATE_FORMAT_STUDY[0], [f for f in STATE_FORMAT_STUDY[1:] if f in results["setup"]["optimizers"]]
+    if base not in results["setup"]["optimizers"] or not formats:
+        return None
+    rows = [["task", "metric", "float32 state", *(f.split(", ", 1)[1] for f in formats)]]
+    for t, task in results["tasks"].items():
+        ref = task["optimizers"][base]
+        row = [t, f"*{task['metric']}*", f"{_cell(task, ref)} at lr {ref['best_lr']:.3g}"]
+        for f in formats:
+            entry = task["optimizers"][f]
+            cell = f"{_cell(task, entry)} at lr {entry['best_lr']:.3g}"
+            a, b = ref["report_mean"], entry["report_mean"]
+            change = f"{(b - a) / abs(a):+.1%}, " if math.isfinite(a) and math.isfinite(b) and a != 0 else ""
+            verdict = measures.outcome(entry["runs"]["best"]["scores"], ref["runs"]["best"]["scores"])[0]
+            cell += f" ({change}{_VERSUS_FLOAT32[verdict]})"
+            row.append(cell)
+        rows.append(row)
+    return rows
+
+
 def baselines_note(results: dict) -> str:
     named = [
         f"{t}: {task['baseline_label']}" for t, task in results["tasks"].items() if task.get("baseline_label")
@@ -603,7 +629,9 @@ def _blocks(results: dict, figures: list[tuple[str, Path, str]]) -> list[tuple]:
     claims = results["claims"]
     primary = [c for c in claims if c.get("primary", True)]
     blocks: list[tuple] = [("p", p) for p in _intro(results)]
-    sections = ["Summary", "Claims", "RMSProp variants", "Settings", "Stability and lr sensitivity"]
+    formats = state_formats_table(results)
+    sections = ["Summary", *(["State formats"] if formats else []), "Claims", "RMSProp variants", "Settings"]
+    sections += ["Stability and lr sensitivity"]
     sections += [title for title, _, _ in figures] + ["Tasks", "Run details"]
     blocks += [("h2", "Contents"), ("toc", sections)]
     blocks += [
@@ -615,6 +643,22 @@ def _blocks(results: dict, figures: list[tuple[str, Path, str]]) -> list[tuple]:
             + baselines_note(results),
         ),
         ("table", summary_table(results), "summary"),
+    ]
+    if formats:
+        blocks += [
+            ("h2", "State formats"),
+            (
+                "p",
+                f"{STATE_FORMAT_STUDY[0]} with each `state_dtype`: the mean final metric over the report seeds at "
+                "each format's own chosen lr, and in brackets its change against float32 state (lower is better) and "
+                "the verdict of the study's noise rule on the paired report seeds (better or worse only when the 95% "
+                "bootstrap interval of the difference excludes 0, otherwise a tie). "
+                "\"int8\" keeps tensors under `int8_min_numel` (4096 elements) in float32; \"all tensors\" "
+                "quantizes every one.",
+            ),
+            ("table", formats, "summary"),
+        ]
+    blocks += [
         ("h2", "Claims"),
         ("table", claims_table(claims), "claims"),
     ]

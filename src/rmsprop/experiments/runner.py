@@ -263,11 +263,11 @@ def run_compare(
 
     ``progress(total)`` makes a progress bar (an object with ``update()`` and ``close()``)."""
     from .claims import judge
-    from .optimizers import OPTIMIZERS, QUICK_OPTIMIZERS, hyperparameters
+    from .optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS, QUICK_OPTIMIZERS, hyperparameters
     from .tasks import TASKS, trivial_baseline
 
     task_names = tasks or list(TASKS)
-    opt_names = optimizers or list(QUICK_OPTIMIZERS if quick else OPTIMIZERS)
+    opt_names = optimizers or list(QUICK_OPTIMIZERS if quick else DEFAULT_OPTIMIZERS)
     for kind, names, known in (("task", task_names, TASKS), ("optimizer", opt_names, OPTIMIZERS)):
         unknown = [n for n in names if n not in known]
         if unknown:
