@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -22,6 +23,13 @@ def _cpu_flags() -> str:
 ISA_LEVELS = ["portable", "avx2+f16c", "avx512"]
 ISA_PRESENT = {"portable": True, "avx2+f16c": " avx2" in _cpu_flags() and " f16c" in _cpu_flags(),
                "avx512": " avx512f" in _cpu_flags()}  # fmt: skip
+
+
+def sigint_as_a_terminal_has_it() -> None:
+    """preexec_fn for a child that a test interrupts with SIGINT: the default disposition. A suite
+    started as a background job of a script (`cmd &`, nohup) inherits SIGINT ignored, and a Python
+    started so installs no KeyboardInterrupt handler: the test would then see Ctrl-C do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def make_params(

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import sigint_as_a_terminal_has_it
 
 from rmsprop import cli
 from rmsprop.bench import runner
@@ -113,8 +114,9 @@ def _interrupt_after_first_line(args: list[str]) -> tuple[int, str, float]:
     SIGINT as Ctrl-C does, read the rest of its output as a terminal would; return the exit code,
     stderr and the seconds from SIGINT to exit."""
     proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "rmsprop", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-u", "-m", "rmsprop", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=sigint_as_a_terminal_has_it,
+    )  # fmt: skip
     try:
         assert proc.stdout.readline(), "no output before exit: " + proc.stderr.read()
         time.sleep(0.5)  # well inside the work

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import sigint_as_a_terminal_has_it
 
 from rmsprop import cli
 
@@ -88,6 +89,7 @@ def test_ctrl_c_stops_at_once_ends_the_workers_and_writes_nothing(tmp_path):
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job has
+        preexec_fn=sigint_as_a_terminal_has_it,
     )
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
