@@ -1057,7 +1057,8 @@ RMS_INLINE void dequant_s8(const uint8_t *restrict c, float scale, float *restri
         out[i] = v * scale;
     }
 }
-/* Quantize a block; returns its scale. q: 16 random bits per value (stochastic rounding). Adding the random bits below the kept ones and truncating
+/* Quantize a block; returns its scale. q: 16 random bits per value (stochastic rounding).
+ * Adding the random bits below the kept ones and truncating
  * rounds up with probability equal to the dropped fraction: linear between the neighbouring
  * codes. Written with integer masks, the float compares done on bit patterns (their order is the
  * values' for non-negative floats), so that GCC vectorizes both loops (it gives up on selects
@@ -1275,7 +1276,7 @@ RMS_INLINE void lowbit_blocks(const rms_record *x, int64_t lo, int64_t hi, const
 
 /* lowbit_blocks at each level: the block loops are compute-bound (dequantize, hash, quantize), so
  * AVX-512 pays here where it does not on the memory-bound float loops: the int8 step takes
- * about 0.55x the AVX2 code's time on the benchmark machine. Picked by rmsprop_set_isa, like the
+ * about 0.6x the AVX2 code's time on the benchmark machine (README, Low-bit optimizer state). Picked by rmsprop_set_isa, like the
  * conversions, so the tests check that every level gives the same bits. */
 typedef void (*rms_lowbit_fn)(const rms_record *, int64_t, int64_t, const rms_scalars *, const rms_rec_scalars *,
                               int, int);
