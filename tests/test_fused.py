@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 import torch
 from cases import HALF_ULP, NAMED
-from helpers import ISA_LEVELS as _LEVELS
-from helpers import ISA_PRESENT as _HAS
-from helpers import make_grads, make_params, run, spy_kernel
+from helpers import ISA_LEVELS, ISA_PRESENT, make_grads, make_params, run, spy_kernel
 
 import rmsprop
 import rmsprop.functional
@@ -545,7 +543,7 @@ def test_low_precision_steps_are_bit_identical_on_every_isa(dtype, options, isa)
 
 def test_the_best_conversions_are_in_use():
     """The kernel picks the best level this CPU has (the benchmark machine: AVX-512)."""
-    best = [level for level in _LEVELS if _HAS[level]][-1]
+    best = [level for level in ISA_LEVELS if ISA_PRESENT[level]][-1]
     assert native.isa() == best
     with pytest.raises(ValueError, match="use_isa takes"):
         native.use_isa("sse9")

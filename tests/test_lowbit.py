@@ -352,15 +352,14 @@ def test_the_kernel_gives_the_torch_op_bits_at_every_isa(case, fmt, dtype, isa):
             opt.step()
         results.append((ps, opt))
     (p0, o0), (p1, o1) = results
+    def same(x, y, what):  # equal values, dtypes and NaN positions (a NaN's payload aside)
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=what)
+
     for a, b in zip(p0, p1, strict=True):
-        assert torch.equal(a.isnan(), b.isnan())
-        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        same(a, b, "parameter")
         assert set(o0.state[a]) == set(o1.state[b])
         for key, value in o0.state[a].items():
-            other = o1.state[b][key]
-            assert torch.equal(value.isnan(), other.isnan()) if value.is_floating_point() else True
-            assert torch.equal(value.nan_to_num() if value.is_floating_point() else value,
-                               other.nan_to_num() if other.is_floating_point() else other), key  # fmt: skip
+            same(value, o1.state[b][key], key)
 
 
 def test_the_fused_kernel_steps_low_bit_state(monkeypatch):
