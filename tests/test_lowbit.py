@@ -286,6 +286,7 @@ def test_float_state_of_a_bfloat16_parameter_against_the_reference():
 # ----------------------------------------------------------------------------- every path, the same bits
 PATH_CASES = {
     "plain": {},
+    "momentum": {"momentum": 0.9},
     "centered+momentum": {"centered": True, "momentum": 0.9},
     "nesterov+wd+bias": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "bias_correction": True},
     "decoupled+maximize+eps_in_sqrt": {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True,
@@ -360,6 +361,45 @@ def test_the_kernel_gives_the_torch_op_bits_at_every_isa(case, fmt, dtype, isa):
         assert set(o0.state[a]) == set(o1.state[b])
         for key, value in o0.state[a].items():
             same(value, o1.state[b][key], key)
+
+
+@pytest.mark.parametrize("case", ["plain", "momentum", "nesterov+wd+bias"])
+def test_the_quantizer_edges_give_the_torch_op_bits_at_every_isa(case, isa):
+    """Blocks built to hit the quantizer's edges, at every level (the AVX-512 int8 loop drops
+    clamps it proves never bind): many values equal to their block's maximum, at scales from
+    1e-30 to 1e15, so that x * (1.75 / absmax) rounds above 1.75 in some blocks; values a step
+    below; values far below the smallest code and positive subnormals (code 1, never 0); zeros; negative values (the signed map's sign);
+    an overflowing square (inf: the NaN code)."""
+    blocks = 96
+    gen = torch.Generator().manual_seed(5)
+    scale = 10.0 ** torch.linspace(-15, 7.5, blocks, dtype=torch.float64)
+    pattern = torch.ones(blocks, 256, dtype=torch.float64)
+    pattern[:, 64:128] = 1 - 1e-7 * torch.rand(blocks, 64, generator=gen, dtype=torch.float64)
+    pattern[:, 128:192] = torch.rand(blocks, 64, generator=gen, dtype=torch.float64)
+    pattern[:, 192:200] = 0.0
+    pattern[:, 200:208] *= -1
+    pattern[:, 216:224] = 1e-7  # v a 1e-14 of its block's maximum: below half the smallest code
+    grad = (scale[:, None] * pattern).float()
+    grad[:, 208:216] = 1e-41  # a square that underflows: v is a positive subnormal or 0
+    grad[3, 5] = 3e38  # its square overflows
+    grad = grad.reshape(-1)
+    # the edge is exercised: on the first step (v = (1 - alpha) g^2) some block's a exceeds 1.75
+    v0 = ((1 - 0.99) * grad * grad).reshape(blocks, 256)
+    finite = torch.where(torch.isfinite(v0) & (v0 > 0), v0, torch.zeros(()))
+    inv = 1.75 / finite.amax(dim=1).clamp_min(2.0**-100)
+    assert bool(((finite * inv[:, None]).amax(dim=1) > 1.75).any())
+    results = []
+    for path in ({"fused": True}, {"foreach": True}):
+        p = torch.nn.Parameter(torch.ones(blocks * 256))
+        opt = rmsprop.RMSprop([p], lr=LR, alpha=0.99, state_dtype="int8", **PATH_CASES[case], **path)
+        for t in range(3):
+            p.grad = grad * (1 + t)
+            opt.step()
+        results.append((p, opt.state[p]))
+    (p0, s0), (p1, s1) = results
+    torch.testing.assert_close(p0, p1, rtol=0, atol=0, equal_nan=True)
+    for key, value in s0.items():
+        torch.testing.assert_close(value, s1[key], rtol=0, atol=0, equal_nan=True, msg=key)
 
 
 def test_the_fused_kernel_steps_low_bit_state(monkeypatch):

@@ -1275,8 +1275,9 @@ RMS_INLINE void lowbit_blocks(const rms_record *x, int64_t lo, int64_t hi, const
 }
 
 /* lowbit_blocks at each level: the block loops are compute-bound (dequantize, hash, quantize), so
- * AVX-512 pays here where it does not on the memory-bound float loops: the int8 step takes
- * about 0.6x the AVX2 code's time on the benchmark machine (README, Low-bit optimizer state). Picked by rmsprop_set_isa, like the
+ * AVX-512 pays here where it does not on the memory-bound float loops: the int8 step took about
+ * 0.6x the AVX2 code's time on the benchmark machine, and the hand-written AVX-512 loop below
+ * (int8 state of float32 parameters) cuts it further. Picked by rmsprop_set_isa, like the
  * conversions, so the tests check that every level gives the same bits. */
 typedef void (*rms_lowbit_fn)(const rms_record *, int64_t, int64_t, const rms_scalars *, const rms_rec_scalars *,
                               int, int);
@@ -1288,7 +1289,200 @@ typedef void (*rms_lowbit_fn)(const rms_record *, int64_t, int64_t, const rms_sc
 DEFINE_LOWBIT(loop_lowbit_portable, )
 #ifdef RMS_HAVE_X86_SIMD
 DEFINE_LOWBIT(loop_lowbit_avx2, RMS_AVX2)
-DEFINE_LOWBIT(loop_lowbit_avx512, RMS_AVX512_LOWBIT)
+
+/* ------------------------------------------------------------------ int8 state, AVX-512 by hand
+ * The commonest low-bit record (a float32 parameter with int8 state, not centered, no AMP
+ * unscale) stepped sixteen elements a vector with the operations of dequant_u8 / dequant_s8,
+ * lowbit_math and quant_u8 / quant_s8 in their order, so the bits are those of lowbit_blocks
+ * (the tests compare every level with the torch-op path). What it changes is the schedule: the
+ * compiler's code ran the block's passes one after another, the update's division and square
+ * root (a divider that takes 22 cycles per vector) and the quantizer's integer work (hash,
+ * codes: about 30 vector operations per vector, on the two ports AVX-512 uses) never at once.
+ * Here the update of block k is one loop with block k-1's quantization interleaved, so the
+ * divider and the integer ports work together; the block's maximum is kept in registers as
+ * its values are computed. */
+RMS_AVX512_LOWBIT static inline __m512i mix32_512(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int32_t)0x21f0aaadu));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int32_t)0x735a2d97u));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+}
+RMS_AVX512_LOWBIT static inline __mmask16 lanes_below(int64_t rem) {
+    return rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1u);
+}
+/* dequant_u8 on sixteen codes (lanes outside `valid` read as code 0) */
+RMS_AVX512_LOWBIT static inline __m512 dequant_u8_512(const uint8_t *c, __mmask16 valid, __m512 scale) {
+    const __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, c));
+    const __m512 normal = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k, _mm512_set1_epi32(U8_OFFSET)), U8_SHIFT));
+    const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(k), _mm512_set1_ps(U8_SUB_STEP));
+    __m512 v = _mm512_mask_blend_ps(_mm512_cmpge_epu32_mask(k, _mm512_set1_epi32(U8_FIRST)), sub, normal);
+    v = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(0xff)), v, _mm512_set1_ps(__builtin_nanf("")));
+    return _mm512_mul_ps(v, scale);
+}
+RMS_AVX512_LOWBIT static inline __m512 dequant_s8_512(const uint8_t *c, __mmask16 valid, __m512 scale) {
+    const __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, c));
+    const __m512i a = _mm512_and_si512(k, _mm512_set1_epi32(0x7f));
+    const __m512 normal = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(S8_OFFSET)), S8_SHIFT));
+    const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(S8_SUB_STEP));
+    __m512 v = _mm512_mask_blend_ps(_mm512_cmpge_epu32_mask(a, _mm512_set1_epi32(S8_FIRST)), sub, normal);
+    v = _mm512_mask_blend_ps(_mm512_cmpge_epu32_mask(k, _mm512_set1_epi32(0x80)), v, _mm512_xor_ps(v, _mm512_set1_ps(-0.0f)));
+    v = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(0x80)), v, _mm512_set1_ps(__builtin_nanf("")));
+    return _mm512_mul_ps(v, scale);
+}
+/* quant_u8's second loop on sixteen values; idx: the values' positions (rand16's base + i) */
+RMS_AVX512_LOWBIT static inline void quant_u8_512(const float *src, uint8_t *out, __mmask16 valid, __m512 inv,
+                                                 __m512i idx, __m512i key) {
+    const __m512 x = _mm512_maskz_loadu_ps(valid, src);
+    const __m512i u = _mm512_castps_si512(x), one = _mm512_set1_epi32(1);
+    const __mmask16 pos = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(u, one), _mm512_set1_epi32(0x7f7fffff));
+    const __mmask16 fin = _mm512_cmplt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    const __m512 a = _mm512_maskz_mul_ps(pos, x, inv);
+    const __mmask16 sub = _mm512_cmplt_epu32_mask(_mm512_castps_si512(a), _mm512_set1_epi32((int32_t)f2u(U8_NORMAL_MIN)));
+    const __m512 z = _mm512_mask_add_ps(a, sub, a, _mm512_set1_ps(U8_NORMAL_MIN));
+    const __m512i r = _mm512_srli_epi32(mix32_512(_mm512_xor_si512(idx, key)), 16);
+    __m512i code = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(z), _mm512_slli_epi32(r, U8_SHIFT - 16)), U8_SHIFT);
+    code = _mm512_sub_epi32(code, _mm512_set1_epi32(U8_OFFSET));
+    code = _mm512_mask_sub_epi32(code, sub, code, _mm512_set1_epi32(U8_FIRST));
+    /* quant_u8's clamps to [0, 254] never bind: z >= NORMAL_MIN gives code >= 0, and a <= 1.75 +
+     * 1 ulp (x <= absmax) stays below code 255 with any random bits. max(code, 1) on the positive
+     * lanes is its "a positive value never rounds to 0". */
+    code = _mm512_mask_max_epi32(code, pos, code, one);
+    code = _mm512_mask_blend_epi32(fin, _mm512_set1_epi32(0xff), code);
+    _mm512_mask_cvtepi32_storeu_epi8(out, valid, code);
+}
+RMS_AVX512_LOWBIT static inline void quant_s8_512(const float *src, uint8_t *out, __mmask16 valid, __m512 inv,
+                                                 __m512i idx, __m512i key) {
+    const __m512 x = _mm512_maskz_loadu_ps(valid, src);
+    const __m512i u = _mm512_castps_si512(x), zero = _mm512_setzero_si512();
+    const __m512i abs = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    const __mmask16 fin = _mm512_cmplt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
+    const __mmask16 neg = _mm512_movepi32_mask(u);
+    const __m512 a = _mm512_maskz_mul_ps(fin, _mm512_castsi512_ps(abs), inv);
+    const __mmask16 sub = _mm512_cmplt_epu32_mask(_mm512_castps_si512(a), _mm512_set1_epi32((int32_t)f2u(S8_NORMAL_MIN)));
+    const __m512 z = _mm512_mask_add_ps(a, sub, a, _mm512_set1_ps(S8_NORMAL_MIN));
+    const __m512i r = _mm512_srli_epi32(mix32_512(_mm512_xor_si512(idx, key)), 16);
+    __m512i code = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(z), _mm512_slli_epi32(r, S8_SHIFT - 16)), S8_SHIFT);
+    code = _mm512_sub_epi32(code, _mm512_set1_epi32(S8_OFFSET));
+    code = _mm512_mask_sub_epi32(code, sub, code, _mm512_set1_epi32(S8_FIRST));
+    /* the clamps to [0, 127] never bind, as in quant_u8_512 (|a| <= 1.9375 + 1 ulp) */
+    code = _mm512_mask_or_epi32(code, neg & _mm512_cmpgt_epi32_mask(code, zero), code, _mm512_set1_epi32(0x80));
+    code = _mm512_mask_blend_epi32(fin, _mm512_set1_epi32(0x80), code);
+    _mm512_mask_cvtepi32_storeu_epi8(out, valid, code);
+}
+/* One block's quantization pending: its values (in a buffer), positions, keys and 1 / scale. */
+typedef struct {
+    const float *v, *b;
+    uint8_t *cv, *cb;
+    int64_t len;
+    uint32_t base;
+    __m512 inv_v, inv_b;
+    __m512i key_v, key_b;
+} rms_pending512;
+RMS_AVX512_LOWBIT static inline void pending_vector(const rms_pending512 *q, int64_t j, int momentum) {
+    const __mmask16 valid = lanes_below(q->len - 16 * j);
+    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(q->base + 16u * (uint32_t)j)),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    quant_u8_512(q->v + 16 * j, q->cv + 16 * j, valid, q->inv_v, idx, q->key_v);
+    if (momentum) quant_s8_512(q->b + 16 * j, q->cb + 16 * j, valid, q->inv_b, idx, q->key_b);
+}
+/* A block's scale from its maximum, and the multiplier qmax / absmax, as quant_u8 / quant_s8 compute them. */
+static inline float block_scale(uint32_t top, float qmax, float *scale) {
+    float absmax = u2f(top);
+    absmax = absmax < RMS_TINY ? RMS_TINY : absmax;
+    *scale = absmax / qmax;
+    return qmax / absmax;
+}
+RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) void int8_f32_blocks_512(
+    const rms_record *x, int64_t lo, int64_t hi, const rms_scalars *c, const rms_rec_scalars *rs,
+    const int mom_kind, const int coupled, const int eps_inside) {
+    float *restrict P = (float *)x->p;
+    const float *restrict G = (const float *)x->g;
+    uint8_t *restrict cv = (uint8_t *)x->v, *restrict cb = (uint8_t *)x->b;
+    float *restrict sv = (float *)x->vs, *restrict sb = (float *)x->bs;
+    const __m512 gscale = _mm512_set1_ps((float)c->inv_scale * (float)c->sign), wd = _mm512_set1_ps((float)c->wd);
+    const __m512 decay = _mm512_set1_ps((float)c->decay), alpha = _mm512_set1_ps((float)c->alpha);
+    const __m512 oma = _mm512_set1_ps((float)c->one_minus_alpha), eps = _mm512_set1_ps((float)c->eps);
+    const __m512 lr = _mm512_set1_ps((float)c->lr), mu = _mm512_set1_ps((float)c->mu);
+    const __m512 k_buf = _mm512_set1_ps((float)c->k_buf), k_par = _mm512_set1_ps((float)c->k_par);
+    const __m512 ic = _mm512_set1_ps((float)rs->inv_corr);
+    const __m512i max_pos = _mm512_set1_epi32(0x7f7fffff), one = _mm512_set1_epi32(1);
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf_bits = _mm512_set1_epi32(0x7f800000);
+    float Vbuf[2][RMS_BLOCK] __attribute__((aligned(64))), Bbuf[2][RMS_BLOCK] __attribute__((aligned(64)));
+    rms_pending512 q = {0};
+    int cur = 0;
+    for (int64_t i0 = lo; i0 < hi; i0 += RMS_BLOCK, cur ^= 1) {
+        const int64_t len = hi - i0 < RMS_BLOCK ? hi - i0 : RMS_BLOCK, blk = i0 / RMS_BLOCK;
+        const int64_t nvec = (len + 15) / 16, pvec = (q.len + 15) / 16;
+        const __m512 scale_v = _mm512_set1_ps(sv[blk]), scale_b = mom_kind ? _mm512_set1_ps(sb[blk]) : _mm512_setzero_ps();
+        float *restrict V = Vbuf[cur], *restrict B = Bbuf[cur];
+        __m512i top_v = _mm512_setzero_si512(), top_b = _mm512_setzero_si512();
+        for (int64_t j = 0; j < nvec; j++) {
+            const int64_t i = i0 + 16 * j;
+            const __mmask16 valid = lanes_below(len - 16 * j);
+            /* two blocks ahead: this loop's arithmetic keeps too few loads in flight for the
+             * hardware prefetcher to hide memory (measured: 0.86x the time without, one thread) */
+            _mm_prefetch((const char *)(G + i + 2 * RMS_BLOCK), _MM_HINT_T0);
+            _mm_prefetch((const char *)(P + i + 2 * RMS_BLOCK), _MM_HINT_T0);
+            __m512 g = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, G + i), gscale);
+            __m512 p = _mm512_maskz_loadu_ps(valid, P + i);
+            if (coupled) g = _mm512_add_ps(g, _mm512_mul_ps(wd, p));
+            p = _mm512_mul_ps(p, decay);
+            const __m512 v = _mm512_add_ps(_mm512_mul_ps(alpha, dequant_u8_512(cv + i, valid, scale_v)),
+                                           _mm512_mul_ps(_mm512_mul_ps(oma, g), g));
+            const __m512 s = _mm512_mul_ps(v, ic);
+            const __m512 u = eps_inside ? _mm512_div_ps(g, _mm512_sqrt_ps(_mm512_add_ps(s, eps)))
+                                        : _mm512_div_ps(g, _mm512_add_ps(_mm512_sqrt_ps(s), eps));
+            _mm512_store_ps(V + 16 * j, v);
+            const __m512i vb = _mm512_castps_si512(v);
+            top_v = _mm512_mask_max_epu32(top_v, valid & _mm512_cmplt_epu32_mask(_mm512_sub_epi32(vb, one), max_pos), top_v, vb);
+            if (mom_kind == 0) {
+                p = _mm512_sub_ps(p, _mm512_mul_ps(lr, u));
+            } else {
+                const __m512 b = _mm512_add_ps(_mm512_mul_ps(mu, dequant_s8_512(cb + i, valid, scale_b)), _mm512_mul_ps(k_buf, u));
+                const __m512 applied = mom_kind == 2 ? _mm512_add_ps(_mm512_mul_ps(k_buf, u), _mm512_mul_ps(mu, b)) : b;
+                p = _mm512_sub_ps(p, _mm512_mul_ps(k_par, applied));
+                _mm512_store_ps(B + 16 * j, b);
+                const __m512i bb = _mm512_and_si512(_mm512_castps_si512(b), abs_mask);
+                top_b = _mm512_mask_max_epu32(top_b, valid & _mm512_cmplt_epu32_mask(bb, inf_bits), top_b, bb);
+            }
+            _mm512_mask_storeu_ps(P + i, valid, p);
+            if (j < pvec) pending_vector(&q, j, mom_kind != 0); /* block k-1's codes, under this block's divisions */
+        }
+        for (int64_t j = nvec; j < pvec; j++) pending_vector(&q, j, mom_kind != 0);
+        /* this block's scales now, its codes during the next block (or after the loop) */
+        const uint32_t hi32 = (uint32_t)((uint64_t)i0 >> 32);
+        float scale;
+        q.v = V, q.b = B, q.cv = cv + i0, q.cb = cb ? cb + i0 : NULL, q.len = len, q.base = (uint32_t)i0;
+        q.inv_v = _mm512_set1_ps(block_scale(_mm512_reduce_max_epu32(top_v), U8_QMAX, &scale));
+        sv[blk] = scale;
+        q.key_v = _mm512_set1_epi32((int32_t)mix32(rs->key0 ^ mix32(hi32)));
+        if (mom_kind) {
+            q.inv_b = _mm512_set1_ps(block_scale(_mm512_reduce_max_epu32(top_b), S8_QMAX, &scale));
+            sb[blk] = scale;
+            q.key_b = _mm512_set1_epi32((int32_t)mix32(rs->key1 ^ mix32(hi32)));
+        }
+    }
+    for (int64_t j = 0; j < (q.len + 15) / 16; j++) pending_vector(&q, j, mom_kind != 0);
+}
+#define RMS_I8_E(K, CP, e) \
+    if (e) int8_f32_blocks_512(x, lo, hi, c, rs, K, CP, 1); else int8_f32_blocks_512(x, lo, hi, c, rs, K, CP, 0);
+#define RMS_I8_CP(K, cp, e) \
+    if (cp) { RMS_I8_E(K, 1, e) } else { RMS_I8_E(K, 0, e) }
+/* The AVX-512 level: the hand-written int8 loop where it applies, lowbit_blocks elsewhere. */
+RMS_AVX512_LOWBIT static void loop_lowbit_avx512(const rms_record *x, int64_t lo, int64_t hi, const rms_scalars *c,
+                                                 const rms_rec_scalars *rs, int write_back, int variant) {
+    const int eps_inside = variant & 1, coupled = (variant >> 1) & 1, kind = (variant >> 2) % 3;
+    const int cform = (variant >> 2) / 3;
+    if (x->kind == RMS_F32 && x->fmt == RMS_FMT_INT8 && !write_back && cform == 0 && !x->m &&
+        (kind == 0) == (x->b == NULL)) {
+        if (kind == 0) { RMS_I8_CP(0, coupled, eps_inside) }
+        else if (kind == 1) { RMS_I8_CP(1, coupled, eps_inside) }
+        else { RMS_I8_CP(2, coupled, eps_inside) }
+        return;
+    }
+    lowbit_blocks(x, lo, hi, c, rs, write_back, variant);
+}
 #endif
 static _Atomic(rms_lowbit_fn) g_loop_lowbit = loop_lowbit_portable;
 static void select_lowbit_loop(int32_t level, int avx512_lowbit) {

@@ -81,6 +81,11 @@ QUICK_CONFIGS: dict[str, Config] = {
 }
 
 THREAD_SWEEP_CONFIG = CONFIGS["10x1M fp32 plain"]
+# the state-format rows may name these besides CONFIGS (heavy-ball momentum: the int8 state of a
+# non-centered step runs the AVX-512 kernel's hand-written loop, centered does not)
+STATE_ONLY_CONFIGS: dict[str, Config] = {
+    "10x1M fp32 momentum": Config("10x1M fp32 momentum", ((1_000_000,),) * 10, options={"momentum": 0.9}),
+}
 
 Factory = Callable[[list[torch.Tensor], dict], torch.optim.Optimizer]
 IMPLEMENTATIONS: dict[str, Factory] = {
@@ -236,7 +241,7 @@ def run_bench(
         raise RuntimeError(f"the fused kernel is unavailable: {fused_cpu.load_error()}")
     if state_only:
         return {"machine": machine(), "quick": quick, "configs": [],
-                "state_formats": state.state_formats(_measure_side_by_side, CONFIGS, quick, log)}  # fmt: skip
+                "state_formats": state.state_formats(_measure_side_by_side, {**CONFIGS, **STATE_ONLY_CONFIGS}, quick, log)}  # fmt: skip
     chosen = QUICK_CONFIGS if quick and not configs else CONFIGS
     names = configs or list(chosen)
     unknown = [n for n in names if n not in CONFIGS]
@@ -269,7 +274,7 @@ def run_bench(
         results["threads"] = sweeps.thread_sweep(_measure_side_by_side, THREAD_SWEEP_CONFIG, quick, log)
         results["training_share"] = sweeps.training_share(quick, log)
     if state_formats:
-        results["state_formats"] = state.state_formats(_measure_side_by_side, CONFIGS, quick, log)
+        results["state_formats"] = state.state_formats(_measure_side_by_side, {**CONFIGS, **STATE_ONLY_CONFIGS}, quick, log)
     if first_step:
         log("  first step in a fresh process ...")
         results["first_step"] = first_step_costs(repeats=1 if quick else 3)

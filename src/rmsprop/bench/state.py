@@ -28,7 +28,7 @@ STATE_IMPLEMENTATIONS: dict[str, Callable] = {
     "int8 state, torch ops": lambda ps, o: RMSprop(ps, foreach=True, state_dtype="int8", **o),
     "torch foreach (fp32 state)": lambda ps, o: torch.optim.RMSprop(ps, foreach=True, **o),
 }
-STATE_CONFIGS = ("10x1M fp32 plain", "10x1M fp32 momentum+centered")
+STATE_CONFIGS = ("10x1M fp32 plain", "10x1M fp32 momentum", "10x1M fp32 momentum+centered")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": "int8"}
 
 
