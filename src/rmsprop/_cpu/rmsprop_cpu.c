@@ -1075,6 +1075,13 @@ RMS_INLINE uint32_t rand16(const rms_rand *q, uint32_t i) {
     const uint32_t h = mix32((q->base + i) ^ q->key);
     return q->low ? h & 0xffffu : h >> 16;
 }
+/* A block's scale from its maximum's bits, and the multiplier qmax / absmax the codes use. */
+RMS_INLINE float block_scale(uint32_t top, float qmax, float *scale) {
+    float absmax = u2f(top);
+    absmax = absmax < RMS_TINY ? RMS_TINY : absmax;
+    *scale = absmax / qmax;
+    return qmax / absmax;
+}
 RMS_INLINE float quant_u8(const float *restrict x, const rms_rand *q, uint8_t *restrict out, int64_t n) {
     uint32_t top = 0;
     for (uint32_t i = 0; i < (uint32_t)n; i++) {
@@ -1082,9 +1089,8 @@ RMS_INLINE float quant_u8(const float *restrict x, const rms_rand *q, uint8_t *r
         const uint32_t m = u & RMS_MASK(u - 1u < 0x7f7fffffu); /* finite and > 0 (+0 wraps around) */
         top = top > m ? top : m;
     }
-    float absmax = u2f(top);
-    absmax = absmax < RMS_TINY ? RMS_TINY : absmax;
-    const float scale = absmax / U8_QMAX, inv = U8_QMAX / absmax;
+    float scale;
+    const float inv = block_scale(top, U8_QMAX, &scale);
     const uint32_t normal_min = f2u(U8_NORMAL_MIN);
     for (uint32_t i = 0; i < (uint32_t)n; i++) {
         const uint32_t u = f2u(x[i]);
@@ -1111,9 +1117,8 @@ RMS_INLINE float quant_s8(const float *restrict x, const rms_rand *q, uint8_t *r
         const uint32_t m = a & RMS_MASK(a < 0x7f800000u); /* |x| of a finite x */
         top = top > m ? top : m;
     }
-    float absmax = u2f(top);
-    absmax = absmax < RMS_TINY ? RMS_TINY : absmax;
-    const float scale = absmax / S8_QMAX, inv = S8_QMAX / absmax;
+    float scale;
+    const float inv = block_scale(top, S8_QMAX, &scale);
     const uint32_t normal_min = f2u(S8_NORMAL_MIN);
     for (uint32_t i = 0; i < (uint32_t)n; i++) {
         const uint32_t u = f2u(x[i]);
@@ -1311,21 +1316,37 @@ RMS_AVX512_LOWBIT static inline __m512i mix32_512(__m512i x) {
 RMS_AVX512_LOWBIT static inline __mmask16 lanes_below(int64_t rem) {
     return rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1u);
 }
+/* The two maps on sixteen lanes (a map's SHIFT, OFFSET, FIRST, SUB_STEP, NORMAL_MIN; constants
+ * at every call): the value of magnitude codes a, and the code of magnitudes a >= 0 (in units of
+ * the block's scale) rounded with 16 random bits r, as dequant_u8 / quant_u8 compute them. */
+RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) __m512 map_value_512(__m512i a, int shift, int offset,
+                                                                                 int first, float sub_step) {
+    const __m512 normal = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(offset)), shift));
+    const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(sub_step));
+    return _mm512_mask_blend_ps(_mm512_cmpge_epu32_mask(a, _mm512_set1_epi32(first)), sub, normal);
+}
+RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) __m512i map_code_512(__m512 a, __m512i r, int shift,
+                                                                                 int offset, int first, float normal_min) {
+    const __mmask16 sub = _mm512_cmplt_epu32_mask(_mm512_castps_si512(a), _mm512_set1_epi32((int32_t)f2u(normal_min)));
+    const __m512 z = _mm512_mask_add_ps(a, sub, a, _mm512_set1_ps(normal_min));
+    __m512i code = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(z), _mm512_slli_epi32(r, shift - 16)), shift);
+    code = _mm512_sub_epi32(code, _mm512_set1_epi32(offset));
+    return _mm512_mask_sub_epi32(code, sub, code, _mm512_set1_epi32(first));
+}
+/* rand16's high half for positions idx: the random bits of v and of the momentum buffer */
+RMS_AVX512_LOWBIT static inline __m512i rand16_512(__m512i idx, __m512i key) {
+    return _mm512_srli_epi32(mix32_512(_mm512_xor_si512(idx, key)), 16);
+}
 /* dequant_u8 on sixteen codes (lanes outside `valid` read as code 0) */
 RMS_AVX512_LOWBIT static inline __m512 dequant_u8_512(const uint8_t *c, __mmask16 valid, __m512 scale) {
     const __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, c));
-    const __m512 normal = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k, _mm512_set1_epi32(U8_OFFSET)), U8_SHIFT));
-    const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(k), _mm512_set1_ps(U8_SUB_STEP));
-    __m512 v = _mm512_mask_blend_ps(_mm512_cmpge_epu32_mask(k, _mm512_set1_epi32(U8_FIRST)), sub, normal);
+    __m512 v = map_value_512(k, U8_SHIFT, U8_OFFSET, U8_FIRST, U8_SUB_STEP);
     v = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(0xff)), v, _mm512_set1_ps(__builtin_nanf("")));
     return _mm512_mul_ps(v, scale);
 }
 RMS_AVX512_LOWBIT static inline __m512 dequant_s8_512(const uint8_t *c, __mmask16 valid, __m512 scale) {
     const __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, c));
-    const __m512i a = _mm512_and_si512(k, _mm512_set1_epi32(0x7f));
-    const __m512 normal = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(S8_OFFSET)), S8_SHIFT));
-    const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(S8_SUB_STEP));
-    __m512 v = _mm512_mask_blend_ps(_mm512_cmpge_epu32_mask(a, _mm512_set1_epi32(S8_FIRST)), sub, normal);
+    __m512 v = map_value_512(_mm512_and_si512(k, _mm512_set1_epi32(0x7f)), S8_SHIFT, S8_OFFSET, S8_FIRST, S8_SUB_STEP);
     v = _mm512_mask_blend_ps(_mm512_cmpge_epu32_mask(k, _mm512_set1_epi32(0x80)), v, _mm512_xor_ps(v, _mm512_set1_ps(-0.0f)));
     v = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(0x80)), v, _mm512_set1_ps(__builtin_nanf("")));
     return _mm512_mul_ps(v, scale);
@@ -1338,12 +1359,7 @@ RMS_AVX512_LOWBIT static inline void quant_u8_512(const float *src, uint8_t *out
     const __mmask16 pos = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(u, one), _mm512_set1_epi32(0x7f7fffff));
     const __mmask16 fin = _mm512_cmplt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
     const __m512 a = _mm512_maskz_mul_ps(pos, x, inv);
-    const __mmask16 sub = _mm512_cmplt_epu32_mask(_mm512_castps_si512(a), _mm512_set1_epi32((int32_t)f2u(U8_NORMAL_MIN)));
-    const __m512 z = _mm512_mask_add_ps(a, sub, a, _mm512_set1_ps(U8_NORMAL_MIN));
-    const __m512i r = _mm512_srli_epi32(mix32_512(_mm512_xor_si512(idx, key)), 16);
-    __m512i code = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(z), _mm512_slli_epi32(r, U8_SHIFT - 16)), U8_SHIFT);
-    code = _mm512_sub_epi32(code, _mm512_set1_epi32(U8_OFFSET));
-    code = _mm512_mask_sub_epi32(code, sub, code, _mm512_set1_epi32(U8_FIRST));
+    __m512i code = map_code_512(a, rand16_512(idx, key), U8_SHIFT, U8_OFFSET, U8_FIRST, U8_NORMAL_MIN);
     /* quant_u8's clamps to [0, 254] never bind: z >= NORMAL_MIN gives code >= 0, and a <= 1.75 +
      * 1 ulp (x <= absmax) stays below code 255 with any random bits. max(code, 1) on the positive
      * lanes is its "a positive value never rounds to 0". */
@@ -1359,12 +1375,7 @@ RMS_AVX512_LOWBIT static inline void quant_s8_512(const float *src, uint8_t *out
     const __mmask16 fin = _mm512_cmplt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
     const __mmask16 neg = _mm512_movepi32_mask(u);
     const __m512 a = _mm512_maskz_mul_ps(fin, _mm512_castsi512_ps(abs), inv);
-    const __mmask16 sub = _mm512_cmplt_epu32_mask(_mm512_castps_si512(a), _mm512_set1_epi32((int32_t)f2u(S8_NORMAL_MIN)));
-    const __m512 z = _mm512_mask_add_ps(a, sub, a, _mm512_set1_ps(S8_NORMAL_MIN));
-    const __m512i r = _mm512_srli_epi32(mix32_512(_mm512_xor_si512(idx, key)), 16);
-    __m512i code = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(z), _mm512_slli_epi32(r, S8_SHIFT - 16)), S8_SHIFT);
-    code = _mm512_sub_epi32(code, _mm512_set1_epi32(S8_OFFSET));
-    code = _mm512_mask_sub_epi32(code, sub, code, _mm512_set1_epi32(S8_FIRST));
+    __m512i code = map_code_512(a, rand16_512(idx, key), S8_SHIFT, S8_OFFSET, S8_FIRST, S8_NORMAL_MIN);
     /* the clamps to [0, 127] never bind, as in quant_u8_512 (|a| <= 1.9375 + 1 ulp) */
     code = _mm512_mask_or_epi32(code, neg & _mm512_cmpgt_epi32_mask(code, zero), code, _mm512_set1_epi32(0x80));
     code = _mm512_mask_blend_epi32(fin, _mm512_set1_epi32(0x80), code);
@@ -1385,13 +1396,6 @@ RMS_AVX512_LOWBIT static inline void pending_vector(const rms_pending512 *q, int
                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     quant_u8_512(q->v + 16 * j, q->cv + 16 * j, valid, q->inv_v, idx, q->key_v);
     if (momentum) quant_s8_512(q->b + 16 * j, q->cb + 16 * j, valid, q->inv_b, idx, q->key_b);
-}
-/* A block's scale from its maximum, and the multiplier qmax / absmax, as quant_u8 / quant_s8 compute them. */
-static inline float block_scale(uint32_t top, float qmax, float *scale) {
-    float absmax = u2f(top);
-    absmax = absmax < RMS_TINY ? RMS_TINY : absmax;
-    *scale = absmax / qmax;
-    return qmax / absmax;
 }
 RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) void int8_f32_blocks_512(
     const rms_record *x, int64_t lo, int64_t hi, const rms_scalars *c, const rms_rec_scalars *rs,

@@ -222,6 +222,10 @@ def machine() -> dict:
     }
 
 
+def _state_formats(quick: bool, log: Callable[[str], None]) -> list[dict]:
+    return state.state_formats(_measure_side_by_side, {**CONFIGS, **STATE_ONLY_CONFIGS}, quick, log)
+
+
 def run_bench(
     *,
     quick: bool = False,
@@ -241,7 +245,7 @@ def run_bench(
         raise RuntimeError(f"the fused kernel is unavailable: {fused_cpu.load_error()}")
     if state_only:
         return {"machine": machine(), "quick": quick, "configs": [],
-                "state_formats": state.state_formats(_measure_side_by_side, {**CONFIGS, **STATE_ONLY_CONFIGS}, quick, log)}  # fmt: skip
+                "state_formats": _state_formats(quick, log)}  # fmt: skip
     chosen = QUICK_CONFIGS if quick and not configs else CONFIGS
     names = configs or list(chosen)
     unknown = [n for n in names if n not in CONFIGS]
@@ -274,7 +278,7 @@ def run_bench(
         results["threads"] = sweeps.thread_sweep(_measure_side_by_side, THREAD_SWEEP_CONFIG, quick, log)
         results["training_share"] = sweeps.training_share(quick, log)
     if state_formats:
-        results["state_formats"] = state.state_formats(_measure_side_by_side, {**CONFIGS, **STATE_ONLY_CONFIGS}, quick, log)
+        results["state_formats"] = _state_formats(quick, log)
     if first_step:
         log("  first step in a fresh process ...")
         results["first_step"] = first_step_costs(repeats=1 if quick else 3)

@@ -630,8 +630,8 @@ def _blocks(results: dict, figures: list[tuple[str, Path, str]]) -> list[tuple]:
     primary = [c for c in claims if c.get("primary", True)]
     blocks: list[tuple] = [("p", p) for p in _intro(results)]
     formats = state_formats_table(results)
-    sections = ["Summary", *(["State formats"] if formats else []), "Claims", "RMSProp variants", "Settings"]
-    sections += ["Stability and lr sensitivity"]
+    sections = ["Summary", *(["State formats"] if formats else []), "Claims", "RMSProp variants",
+                "Settings", "Stability and lr sensitivity"]  # fmt: skip
     sections += [title for title, _, _ in figures] + ["Tasks", "Run details"]
     blocks += [("h2", "Contents"), ("toc", sections)]
     blocks += [
