@@ -287,6 +287,7 @@ def test_float_state_of_a_bfloat16_parameter_against_the_reference():
 PATH_CASES = {
     "plain": {},
     "momentum": {"momentum": 0.9},
+    "centered": {"centered": True},
     "centered+momentum": {"centered": True, "momentum": 0.9},
     "nesterov+wd+bias": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "bias_correction": True},
     "decoupled+maximize+eps_in_sqrt": {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True,

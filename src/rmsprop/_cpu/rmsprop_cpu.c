@@ -1340,10 +1340,10 @@ RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) __m512i map_code_
     code = _mm512_sub_epi32(code, _mm512_set1_epi32(offset));
     return _mm512_mask_sub_epi32(code, sub, code, _mm512_set1_epi32(first));
 }
-/* rand16's high half for positions idx: the random bits of v and of the momentum buffer */
-RMS_AVX512_LOWBIT static inline __m512i rand16_512(__m512i idx, __m512i key) {
-    return _mm512_srli_epi32(mix32_512(_mm512_xor_si512(idx, key)), 16);
-}
+/* rand16 for positions idx: the hash whose high half v and the momentum buffer take, m its low half */
+RMS_AVX512_LOWBIT static inline __m512i hash_512(__m512i idx, __m512i key) { return mix32_512(_mm512_xor_si512(idx, key)); }
+#define HIGH16_512(h) _mm512_srli_epi32(h, 16)
+#define LOW16_512(h) _mm512_and_si512(h, _mm512_set1_epi32(0xffff))
 /* dequant_u8 on sixteen codes (lanes outside `valid` read as code 0) */
 RMS_AVX512_LOWBIT static inline __m512 dequant_u8_512(const uint8_t *c, __mmask16 valid, __m512 scale) {
     const __m512i k = _mm512_cvtepu8_epi32(load_u8x16(c, valid));
@@ -1358,15 +1358,15 @@ RMS_AVX512_LOWBIT static inline __m512 dequant_s8_512(const uint8_t *c, __mmask1
     v = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(0x80)), v, _mm512_set1_ps(__builtin_nanf("")));
     return _mm512_mul_ps(v, scale);
 }
-/* quant_u8's second loop on sixteen values; idx: the values' positions (rand16's base + i) */
+/* quant_u8's second loop on sixteen values; r: their 16 random bits (rand16) */
 RMS_AVX512_LOWBIT static inline void quant_u8_512(const float *src, uint8_t *out, __mmask16 valid, __m512 inv,
-                                                 __m512i idx, __m512i key) {
+                                                 __m512i r) {
     const __m512 x = _mm512_maskz_loadu_ps(valid, src);
     const __m512i u = _mm512_castps_si512(x), one = _mm512_set1_epi32(1);
     const __mmask16 pos = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(u, one), _mm512_set1_epi32(0x7f7fffff));
     const __mmask16 fin = _mm512_cmplt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
     const __m512 a = _mm512_maskz_mul_ps(pos, x, inv);
-    __m512i code = map_code_512(a, rand16_512(idx, key), U8_SHIFT, U8_OFFSET, U8_FIRST, U8_NORMAL_MIN);
+    __m512i code = map_code_512(a, r, U8_SHIFT, U8_OFFSET, U8_FIRST, U8_NORMAL_MIN);
     /* quant_u8's clamps to [0, 254] never bind: z >= NORMAL_MIN gives code >= 0, and a <= 1.75 +
      * 1 ulp (x <= absmax) stays below code 255 with any random bits. max(code, 1) on the positive
      * lanes is its "a positive value never rounds to 0". */
@@ -1375,14 +1375,14 @@ RMS_AVX512_LOWBIT static inline void quant_u8_512(const float *src, uint8_t *out
     _mm512_mask_cvtepi32_storeu_epi8(out, valid, code);
 }
 RMS_AVX512_LOWBIT static inline void quant_s8_512(const float *src, uint8_t *out, __mmask16 valid, __m512 inv,
-                                                 __m512i idx, __m512i key) {
+                                                 __m512i r) {
     const __m512 x = _mm512_maskz_loadu_ps(valid, src);
     const __m512i u = _mm512_castps_si512(x), zero = _mm512_setzero_si512();
     const __m512i abs = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
     const __mmask16 fin = _mm512_cmplt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
     const __mmask16 neg = _mm512_movepi32_mask(u);
     const __m512 a = _mm512_maskz_mul_ps(fin, _mm512_castsi512_ps(abs), inv);
-    __m512i code = map_code_512(a, rand16_512(idx, key), S8_SHIFT, S8_OFFSET, S8_FIRST, S8_NORMAL_MIN);
+    __m512i code = map_code_512(a, r, S8_SHIFT, S8_OFFSET, S8_FIRST, S8_NORMAL_MIN);
     /* the clamps to [0, 127] never bind, as in quant_u8_512 (|a| <= 1.9375 + 1 ulp) */
     code = _mm512_mask_or_epi32(code, neg & _mm512_cmpgt_epi32_mask(code, zero), code, _mm512_set1_epi32(0x80));
     code = _mm512_mask_blend_epi32(fin, _mm512_set1_epi32(0x80), code);
@@ -1390,44 +1390,50 @@ RMS_AVX512_LOWBIT static inline void quant_s8_512(const float *src, uint8_t *out
 }
 /* One block's quantization pending: its values (in a buffer), positions, keys and 1 / scale. */
 typedef struct {
-    const float *v, *b;
-    uint8_t *cv, *cb;
+    const float *v, *m, *b;
+    uint8_t *cv, *cm, *cb;
     int64_t len;
     uint32_t base;
-    __m512 inv_v, inv_b;
+    __m512 inv_v, inv_m, inv_b;
     __m512i key_v, key_b;
 } rms_pending512;
-RMS_AVX512_LOWBIT static inline void pending_vector(const rms_pending512 *q, int64_t j, int momentum) {
+RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) void pending_vector(const rms_pending512 *q, int64_t j,
+                                                                                  int centered, int momentum) {
     const __mmask16 valid = lanes_below(q->len - 16 * j);
     const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(q->base + 16u * (uint32_t)j)),
                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    quant_u8_512(q->v + 16 * j, q->cv + 16 * j, valid, q->inv_v, idx, q->key_v);
-    if (momentum) quant_s8_512(q->b + 16 * j, q->cb + 16 * j, valid, q->inv_b, idx, q->key_b);
+    const __m512i h = hash_512(idx, q->key_v); /* one hash for v and m (lowbit_blocks' r_v, r_m) */
+    quant_u8_512(q->v + 16 * j, q->cv + 16 * j, valid, q->inv_v, HIGH16_512(h));
+    if (centered) quant_s8_512(q->m + 16 * j, q->cm + 16 * j, valid, q->inv_m, LOW16_512(h));
+    if (momentum) quant_s8_512(q->b + 16 * j, q->cb + 16 * j, valid, q->inv_b, HIGH16_512(hash_512(idx, q->key_b)));
 }
 RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) void int8_f32_blocks_512(
     const rms_record *x, int64_t lo, int64_t hi, const rms_scalars *c, const rms_rec_scalars *rs,
-    const int mom_kind, const int coupled, const int eps_inside) {
+    const int centered, const int mom_kind, const int coupled, const int eps_inside) {
     float *restrict P = (float *)x->p;
     const float *restrict G = (const float *)x->g;
-    uint8_t *restrict cv = (uint8_t *)x->v, *restrict cb = (uint8_t *)x->b;
-    float *restrict sv = (float *)x->vs, *restrict sb = (float *)x->bs;
+    uint8_t *restrict cv = (uint8_t *)x->v, *restrict cm = (uint8_t *)x->m, *restrict cb = (uint8_t *)x->b;
+    float *restrict sv = (float *)x->vs, *restrict sm = (float *)x->ms, *restrict sb = (float *)x->bs;
     const __m512 gscale = _mm512_set1_ps((float)c->inv_scale * (float)c->sign), wd = _mm512_set1_ps((float)c->wd);
     const __m512 decay = _mm512_set1_ps((float)c->decay), alpha = _mm512_set1_ps((float)c->alpha);
     const __m512 oma = _mm512_set1_ps((float)c->one_minus_alpha), eps = _mm512_set1_ps((float)c->eps);
     const __m512 lr = _mm512_set1_ps((float)c->lr), mu = _mm512_set1_ps((float)c->mu);
     const __m512 k_buf = _mm512_set1_ps((float)c->k_buf), k_par = _mm512_set1_ps((float)c->k_par);
-    const __m512 ic = _mm512_set1_ps((float)rs->inv_corr);
+    const __m512 ic = _mm512_set1_ps((float)rs->inv_corr), ip = _mm512_set1_ps((float)rs->inv_prev);
+    const __m512 kv = _mm512_set1_ps((float)rs->k_var);
     const __m512i max_pos = _mm512_set1_epi32(0x7f7fffff), one = _mm512_set1_epi32(1);
     const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf_bits = _mm512_set1_epi32(0x7f800000);
     float Vbuf[2][RMS_BLOCK] __attribute__((aligned(64))), Bbuf[2][RMS_BLOCK] __attribute__((aligned(64)));
+    float Mbuf[2][RMS_BLOCK] __attribute__((aligned(64)));
     rms_pending512 q = {0};
     int cur = 0;
     for (int64_t i0 = lo; i0 < hi; i0 += RMS_BLOCK, cur ^= 1) {
         const int64_t len = hi - i0 < RMS_BLOCK ? hi - i0 : RMS_BLOCK, blk = i0 / RMS_BLOCK;
         const int64_t nvec = (len + 15) / 16, pvec = (q.len + 15) / 16;
         const __m512 scale_v = _mm512_set1_ps(sv[blk]), scale_b = mom_kind ? _mm512_set1_ps(sb[blk]) : _mm512_setzero_ps();
-        float *restrict V = Vbuf[cur], *restrict B = Bbuf[cur];
-        __m512i top_v = _mm512_setzero_si512(), top_b = _mm512_setzero_si512();
+        const __m512 scale_m = centered ? _mm512_set1_ps(sm[blk]) : _mm512_setzero_ps();
+        float *restrict V = Vbuf[cur], *restrict M = Mbuf[cur], *restrict B = Bbuf[cur];
+        __m512i top_v = _mm512_setzero_si512(), top_m = _mm512_setzero_si512(), top_b = _mm512_setzero_si512();
         for (int64_t j = 0; j < nvec; j++) {
             const int64_t i = i0 + 16 * j;
             const __mmask16 valid = lanes_below(len - 16 * j);
@@ -1439,8 +1445,20 @@ RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) void int8_f32_blo
             __m512 p = _mm512_maskz_loadu_ps(valid, P + i);
             if (coupled) g = _mm512_add_ps(g, _mm512_mul_ps(wd, p));
             p = _mm512_mul_ps(p, decay);
-            const __m512 v = _mm512_add_ps(_mm512_mul_ps(alpha, dequant_u8_512(cv + i, valid, scale_v)),
-                                           _mm512_mul_ps(_mm512_mul_ps(oma, g), g));
+            __m512 v;
+            if (centered) { /* lowbit_math's cform 2: the variance itself, and the mean */
+                const __m512 mo = dequant_s8_512(cm + i, valid, scale_m);
+                const __m512 dlt = _mm512_sub_ps(g, _mm512_mul_ps(mo, ip));
+                v = _mm512_add_ps(_mm512_mul_ps(alpha, dequant_u8_512(cv + i, valid, scale_v)),
+                                  _mm512_mul_ps(_mm512_mul_ps(kv, dlt), dlt));
+                const __m512 m = _mm512_add_ps(mo, _mm512_mul_ps(oma, _mm512_sub_ps(g, mo)));
+                _mm512_store_ps(M + 16 * j, m);
+                const __m512i mb = _mm512_and_si512(_mm512_castps_si512(m), abs_mask);
+                top_m = _mm512_mask_max_epu32(top_m, valid & _mm512_cmplt_epu32_mask(mb, inf_bits), top_m, mb);
+            } else {
+                v = _mm512_add_ps(_mm512_mul_ps(alpha, dequant_u8_512(cv + i, valid, scale_v)),
+                                  _mm512_mul_ps(_mm512_mul_ps(oma, g), g));
+            }
             const __m512 s = _mm512_mul_ps(v, ic);
             const __m512 u = eps_inside ? _mm512_div_ps(g, _mm512_sqrt_ps(_mm512_add_ps(s, eps)))
                                         : _mm512_div_ps(g, _mm512_add_ps(_mm512_sqrt_ps(s), eps));
@@ -1458,38 +1476,45 @@ RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) void int8_f32_blo
                 top_b = _mm512_mask_max_epu32(top_b, valid & _mm512_cmplt_epu32_mask(bb, inf_bits), top_b, bb);
             }
             _mm512_mask_storeu_ps(P + i, valid, p);
-            if (j < pvec) pending_vector(&q, j, mom_kind != 0); /* block k-1's codes, under this block's divisions */
+            if (j < pvec) pending_vector(&q, j, centered, mom_kind != 0); /* block k-1's codes, under this block's divisions */
         }
-        for (int64_t j = nvec; j < pvec; j++) pending_vector(&q, j, mom_kind != 0);
+        for (int64_t j = nvec; j < pvec; j++) pending_vector(&q, j, centered, mom_kind != 0);
         /* this block's scales now, its codes during the next block (or after the loop) */
         const uint32_t hi32 = (uint32_t)((uint64_t)i0 >> 32);
         float scale;
-        q.v = V, q.b = B, q.cv = cv + i0, q.cb = cb ? cb + i0 : NULL, q.len = len, q.base = (uint32_t)i0;
+        q.v = V, q.m = M, q.b = B, q.len = len, q.base = (uint32_t)i0;
+        q.cv = cv + i0, q.cm = cm ? cm + i0 : NULL, q.cb = cb ? cb + i0 : NULL;
         q.inv_v = _mm512_set1_ps(block_scale(_mm512_reduce_max_epu32(top_v), U8_QMAX, &scale));
         sv[blk] = scale;
         q.key_v = _mm512_set1_epi32((int32_t)mix32(rs->key0 ^ mix32(hi32)));
+        if (centered) {
+            q.inv_m = _mm512_set1_ps(block_scale(_mm512_reduce_max_epu32(top_m), S8_QMAX, &scale));
+            sm[blk] = scale;
+        }
         if (mom_kind) {
             q.inv_b = _mm512_set1_ps(block_scale(_mm512_reduce_max_epu32(top_b), S8_QMAX, &scale));
             sb[blk] = scale;
             q.key_b = _mm512_set1_epi32((int32_t)mix32(rs->key1 ^ mix32(hi32)));
         }
     }
-    for (int64_t j = 0; j < (q.len + 15) / 16; j++) pending_vector(&q, j, mom_kind != 0);
+    for (int64_t j = 0; j < (q.len + 15) / 16; j++) pending_vector(&q, j, centered, mom_kind != 0);
 }
-#define RMS_I8_E(K, CP, e) \
-    if (e) int8_f32_blocks_512(x, lo, hi, c, rs, K, CP, 1); else int8_f32_blocks_512(x, lo, hi, c, rs, K, CP, 0);
-#define RMS_I8_CP(K, cp, e) \
-    if (cp) { RMS_I8_E(K, 1, e) } else { RMS_I8_E(K, 0, e) }
-/* The AVX-512 level: the hand-written int8 loop where it applies, lowbit_blocks elsewhere. */
+#define RMS_I8_E(C0, K, CP, e) \
+    if (e) int8_f32_blocks_512(x, lo, hi, c, rs, C0, K, CP, 1); else int8_f32_blocks_512(x, lo, hi, c, rs, C0, K, CP, 0);
+#define RMS_I8_CP(C0, K, cp, e) \
+    if (cp) { RMS_I8_E(C0, K, 1, e) } else { RMS_I8_E(C0, K, 0, e) }
+#define RMS_I8_K(C0, k, cp, e) \
+    if (k == 0) { RMS_I8_CP(C0, 0, cp, e) } else if (k == 1) { RMS_I8_CP(C0, 1, cp, e) } else { RMS_I8_CP(C0, 2, cp, e) }
+/* The AVX-512 level: the hand-written int8 loop where it applies (centered: int8 state keeps
+ * the variance, cform 2), lowbit_blocks elsewhere. */
 RMS_AVX512_LOWBIT static void loop_lowbit_avx512(const rms_record *x, int64_t lo, int64_t hi, const rms_scalars *c,
                                                  const rms_rec_scalars *rs, int write_back, int variant) {
     const int eps_inside = variant & 1, coupled = (variant >> 1) & 1, kind = (variant >> 2) % 3;
     const int cform = (variant >> 2) / 3;
-    if (x->kind == RMS_F32 && x->fmt == RMS_FMT_INT8 && !write_back && cform == 0 && !x->m &&
+    if (x->kind == RMS_F32 && x->fmt == RMS_FMT_INT8 && !write_back && cform != 1 && (cform == 2) == (x->m != NULL) &&
         (kind == 0) == (x->b == NULL)) {
-        if (kind == 0) { RMS_I8_CP(0, coupled, eps_inside) }
-        else if (kind == 1) { RMS_I8_CP(1, coupled, eps_inside) }
-        else { RMS_I8_CP(2, coupled, eps_inside) }
+        if (cform == 2) { RMS_I8_K(1, kind, coupled, eps_inside) }
+        else { RMS_I8_K(0, kind, coupled, eps_inside) }
         return;
     }
     lowbit_blocks(x, lo, hi, c, rs, write_back, variant);
