@@ -1296,7 +1296,7 @@ DEFINE_LOWBIT(loop_lowbit_portable, )
 DEFINE_LOWBIT(loop_lowbit_avx2, RMS_AVX2)
 
 /* ------------------------------------------------------------------ int8 state, AVX-512 by hand
- * The commonest low-bit record (a float32 parameter with int8 state, not centered, no AMP
+ * The commonest low-bit record (a float32 parameter with int8 state, centered or not, no AMP
  * unscale) stepped sixteen elements a vector with the operations of dequant_u8 / dequant_s8,
  * lowbit_math and quant_u8 / quant_s8 in their order, so the bits are those of lowbit_blocks
  * (the tests compare every level with the torch-op path). What it changes is the schedule: the
