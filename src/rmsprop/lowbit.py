@@ -193,6 +193,16 @@ def _from_bits(bits: Tensor) -> Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
+def block_scales(absmax: Tensor, q_max: float) -> tuple[Tensor, Tensor]:
+    """Each block's scale ``absmax / q_max`` and the multiplier ``q_max / absmax`` its codes
+    use, each one correctly rounded float32 division, as the kernel's ``block_scale``."""
+    # two tensors divided: torch computes `q_max / absmax` as absmax.reciprocal() * q_max (two
+    # roundings: one ulp off in about a quarter of blocks, so a stochastically rounded code
+    # now and then differed from the kernel's), and on CUDA a scalar divisor as a multiply
+    q = torch.full_like(absmax, q_max)
+    return absmax / q, q / absmax
+
+
 def quantize(values: Tensor, signed: bool, r: Tensor | None) -> tuple[Tensor, Tensor]:
     """Codes (uint8, one per value) and scales (float32, one per block of :data:`BLOCK`) of a
     1-D float32 tensor. ``r``: int64 random integers in [0, 2^16) per value, or None for
@@ -208,8 +218,7 @@ def quantize(values: Tensor, signed: bool, r: Tensor | None) -> tuple[Tensor, Te
     # be negative here) counts as 0
     magnitude = torch.where(finite, x.abs(), 0.0) if signed else torch.where(finite & (x > 0), x, 0.0)
     absmax = magnitude.amax(dim=1).clamp_min(TINY)
-    scales = absmax / q_max
-    inv = q_max / absmax
+    scales, inv = block_scales(absmax, q_max)
     a = magnitude * inv[:, None]
     shift, offset, first = spec["shift"], spec["offset"], spec["first_normal"]
     sub = a < spec["normal_min"]
