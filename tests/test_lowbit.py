@@ -364,7 +364,7 @@ def test_the_kernel_gives_the_torch_op_bits_at_every_isa(case, fmt, dtype, isa):
             same(value, o1.state[b][key], key)
 
 
-@pytest.mark.parametrize("case", ["plain", "momentum", "nesterov+wd+bias"])
+@pytest.mark.parametrize("case", ["plain", "momentum", "nesterov+wd+bias", "centered", "centered+momentum"])
 def test_the_quantizer_edges_give_the_torch_op_bits_at_every_isa(case, isa):
     """Blocks built to hit the quantizer's edges, at every level (the AVX-512 int8 loop drops
     clamps it proves never bind): many values equal to their block's maximum, at scales from
