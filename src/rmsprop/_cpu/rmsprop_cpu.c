@@ -1075,6 +1075,11 @@ RMS_INLINE uint32_t rand16(const rms_rand *q, uint32_t i) {
     const uint32_t h = mix32((q->base + i) ^ q->key);
     return q->low ? h & 0xffffu : h >> 16;
 }
+/* rms_rand's key for the block starting at i0: the step's stream key mixed with the high 32
+ * bits of the positions (a block never straddles a multiple of 2^32 elements) */
+RMS_INLINE uint32_t block_key(uint32_t stream_key, int64_t i0) {
+    return mix32(stream_key ^ mix32((uint32_t)((uint64_t)i0 >> 32)));
+}
 /* A block's scale from its maximum's bits, and the multiplier qmax / absmax the codes use. */
 RMS_INLINE float block_scale(uint32_t top, float qmax, float *scale) {
     float absmax = u2f(top);
@@ -1267,10 +1272,8 @@ RMS_INLINE void lowbit_blocks(const rms_record *x, int64_t lo, int64_t hi, const
         if (x->b) load_state(x, x->b, (const float *)x->bs, 1, i0, B, len);
         RMS_LB_EXPAND(cform, kind, coupled, eps_inside)
         /* the random bits: v takes the high half of hash(position ^ key0), m its low half, the
-         * momentum buffer the high half of hash(position ^ key1). A block never straddles a
-         * multiple of 2^32 elements: one key for its positions' high half. */
-        const uint32_t hi32 = (uint32_t)((uint64_t)i0 >> 32);
-        const uint32_t e0 = mix32(rs->key0 ^ mix32(hi32)), e1 = mix32(rs->key1 ^ mix32(hi32));
+         * momentum buffer the high half of hash(position ^ key1) */
+        const uint32_t e0 = block_key(rs->key0, i0), e1 = block_key(rs->key1, i0);
         const rms_rand r_v = {(uint32_t)i0, e0, 0}, r_m = {(uint32_t)i0, e0, 1}, r_b = {(uint32_t)i0, e1, 0};
         store_state(x, x->v, (float *)x->vs, 0, i0, V, &r_v, len);
         if (x->m) store_state(x, x->m, (float *)x->ms, 1, i0, Mb, &r_m, len);
@@ -1339,6 +1342,11 @@ RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) __m512i map_code_
     __m512i code = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(z), _mm512_slli_epi32(r, shift - 16)), shift);
     code = _mm512_sub_epi32(code, _mm512_set1_epi32(offset));
     return _mm512_mask_sub_epi32(code, sub, code, _mm512_set1_epi32(first));
+}
+/* quant_s8's block maximum, sixteen values at a time: the largest |x| of the valid, finite lanes */
+RMS_AVX512_LOWBIT static inline __m512i signed_top_512(__m512i top, __m512 x, __mmask16 valid) {
+    const __m512i a = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
+    return _mm512_mask_max_epu32(top, valid & _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x7f800000)), top, a);
 }
 /* rand16 for positions idx: the hash whose high half v and the momentum buffer take, m its low half */
 RMS_AVX512_LOWBIT static inline __m512i hash_512(__m512i idx, __m512i key) { return mix32_512(_mm512_xor_si512(idx, key)); }
@@ -1422,7 +1430,6 @@ RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) void int8_f32_blo
     const __m512 ic = _mm512_set1_ps((float)rs->inv_corr), ip = _mm512_set1_ps((float)rs->inv_prev);
     const __m512 kv = _mm512_set1_ps((float)rs->k_var);
     const __m512i max_pos = _mm512_set1_epi32(0x7f7fffff), one = _mm512_set1_epi32(1);
-    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf_bits = _mm512_set1_epi32(0x7f800000);
     float Vbuf[2][RMS_BLOCK] __attribute__((aligned(64))), Bbuf[2][RMS_BLOCK] __attribute__((aligned(64)));
     float Mbuf[2][RMS_BLOCK] __attribute__((aligned(64)));
     rms_pending512 q = {0};
@@ -1445,20 +1452,19 @@ RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) void int8_f32_blo
             __m512 p = _mm512_maskz_loadu_ps(valid, P + i);
             if (coupled) g = _mm512_add_ps(g, _mm512_mul_ps(wd, p));
             p = _mm512_mul_ps(p, decay);
-            __m512 v;
-            if (centered) { /* lowbit_math's cform 2: the variance itself, and the mean */
+            /* v = alpha * v + w * d * d: (1 - alpha) g^2, or centered (lowbit_math's cform 2: the
+             * variance itself) k_var (g - m_prev / C_{t-1})^2, with the mean updated beside it */
+            __m512 d = g, w = oma;
+            if (centered) {
                 const __m512 mo = dequant_s8_512(cm + i, valid, scale_m);
-                const __m512 dlt = _mm512_sub_ps(g, _mm512_mul_ps(mo, ip));
-                v = _mm512_add_ps(_mm512_mul_ps(alpha, dequant_u8_512(cv + i, valid, scale_v)),
-                                  _mm512_mul_ps(_mm512_mul_ps(kv, dlt), dlt));
+                d = _mm512_sub_ps(g, _mm512_mul_ps(mo, ip));
+                w = kv;
                 const __m512 m = _mm512_add_ps(mo, _mm512_mul_ps(oma, _mm512_sub_ps(g, mo)));
                 _mm512_store_ps(M + 16 * j, m);
-                const __m512i mb = _mm512_and_si512(_mm512_castps_si512(m), abs_mask);
-                top_m = _mm512_mask_max_epu32(top_m, valid & _mm512_cmplt_epu32_mask(mb, inf_bits), top_m, mb);
-            } else {
-                v = _mm512_add_ps(_mm512_mul_ps(alpha, dequant_u8_512(cv + i, valid, scale_v)),
-                                  _mm512_mul_ps(_mm512_mul_ps(oma, g), g));
+                top_m = signed_top_512(top_m, m, valid);
             }
+            const __m512 v = _mm512_add_ps(_mm512_mul_ps(alpha, dequant_u8_512(cv + i, valid, scale_v)),
+                                           _mm512_mul_ps(_mm512_mul_ps(w, d), d));
             const __m512 s = _mm512_mul_ps(v, ic);
             const __m512 u = eps_inside ? _mm512_div_ps(g, _mm512_sqrt_ps(_mm512_add_ps(s, eps)))
                                         : _mm512_div_ps(g, _mm512_add_ps(_mm512_sqrt_ps(s), eps));
@@ -1472,21 +1478,19 @@ RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) void int8_f32_blo
                 const __m512 applied = mom_kind == 2 ? _mm512_add_ps(_mm512_mul_ps(k_buf, u), _mm512_mul_ps(mu, b)) : b;
                 p = _mm512_sub_ps(p, _mm512_mul_ps(k_par, applied));
                 _mm512_store_ps(B + 16 * j, b);
-                const __m512i bb = _mm512_and_si512(_mm512_castps_si512(b), abs_mask);
-                top_b = _mm512_mask_max_epu32(top_b, valid & _mm512_cmplt_epu32_mask(bb, inf_bits), top_b, bb);
+                top_b = signed_top_512(top_b, b, valid);
             }
             _mm512_mask_storeu_ps(P + i, valid, p);
             if (j < pvec) pending_vector(&q, j, centered, mom_kind != 0); /* block k-1's codes, under this block's divisions */
         }
         for (int64_t j = nvec; j < pvec; j++) pending_vector(&q, j, centered, mom_kind != 0);
         /* this block's scales now, its codes during the next block (or after the loop) */
-        const uint32_t hi32 = (uint32_t)((uint64_t)i0 >> 32);
         float scale;
         q.v = V, q.m = M, q.b = B, q.len = len, q.base = (uint32_t)i0;
         q.cv = cv + i0, q.cm = cm ? cm + i0 : NULL, q.cb = cb ? cb + i0 : NULL;
         q.inv_v = _mm512_set1_ps(block_scale(_mm512_reduce_max_epu32(top_v), U8_QMAX, &scale));
         sv[blk] = scale;
-        q.key_v = _mm512_set1_epi32((int32_t)mix32(rs->key0 ^ mix32(hi32)));
+        q.key_v = _mm512_set1_epi32((int32_t)block_key(rs->key0, i0));
         if (centered) {
             q.inv_m = _mm512_set1_ps(block_scale(_mm512_reduce_max_epu32(top_m), S8_QMAX, &scale));
             sm[blk] = scale;
@@ -1494,7 +1498,7 @@ RMS_AVX512_LOWBIT static inline __attribute__((always_inline)) void int8_f32_blo
         if (mom_kind) {
             q.inv_b = _mm512_set1_ps(block_scale(_mm512_reduce_max_epu32(top_b), S8_QMAX, &scale));
             sb[blk] = scale;
-            q.key_b = _mm512_set1_epi32((int32_t)mix32(rs->key1 ^ mix32(hi32)));
+            q.key_b = _mm512_set1_epi32((int32_t)block_key(rs->key1, i0));
         }
     }
     for (int64_t j = 0; j < (q.len + 15) / 16; j++) pending_vector(&q, j, centered, mom_kind != 0);
