@@ -387,8 +387,8 @@ def test_the_quantizer_edges_give_the_torch_op_bits_at_every_isa(case, isa):
     # the edge is exercised: on the first step (v = (1 - alpha) g^2) some block's a exceeds 1.75
     v0 = ((1 - 0.99) * grad * grad).reshape(blocks, 256)
     finite = torch.where(torch.isfinite(v0) & (v0 > 0), v0, torch.zeros(()))
-    inv = 1.75 / finite.amax(dim=1).clamp_min(2.0**-100)
-    assert bool(((finite * inv[:, None]).amax(dim=1) > 1.75).any())
+    _, inv = lowbit.block_scales(finite.amax(dim=1).clamp_min(lowbit.TINY), lowbit.U8_MAX)
+    assert bool(((finite * inv[:, None]).amax(dim=1) > lowbit.U8_MAX).any())
     results = []
     for path in ({"fused": True}, {"foreach": True}):
         p = torch.nn.Parameter(torch.ones(blocks * 256))

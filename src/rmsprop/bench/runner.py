@@ -81,8 +81,8 @@ QUICK_CONFIGS: dict[str, Config] = {
 }
 
 THREAD_SWEEP_CONFIG = CONFIGS["10x1M fp32 plain"]
-# the state-format rows may name these besides CONFIGS (heavy-ball momentum: the int8 state of a
-# non-centered step runs the AVX-512 kernel's hand-written loop, centered does not)
+# the state-format rows may name these besides CONFIGS (heavy-ball momentum alone: a second
+# quantized buffer without the centered mean)
 STATE_ONLY_CONFIGS: dict[str, Config] = {
     "10x1M fp32 momentum": Config("10x1M fp32 momentum", ((1_000_000,),) * 10, options={"momentum": 0.9}),
 }
