@@ -82,6 +82,40 @@ def test_parameters_without_grad_are_skipped_like_torch():
     assert_states_equal(our_opt, their_opt, ours, theirs)
 
 
+@pytest.mark.parametrize("fused", [False, None])
+def test_state_created_out_of_parameter_order_is_still_each_parameters_own(fused):
+    """The step reads the state in insertion order when its keys are the groups' parameters in
+    order, and looks parameters up otherwise. Here the state is created b, c, a (a has no grad at
+    first) across two groups, then a's group steps alone: every parameter must get its own
+    square average, as with torch, at every step."""
+    torch.manual_seed(0)
+    shapes = [(3,), (4,), (5,)]
+    initial = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    masks = [(0, 1, 1), (1, 1, 1), (1, 1, 0), (1, 1, 1)]  # which parameters get a gradient
+
+    def drive(make):
+        ps = [t.clone().requires_grad_() for t in initial]
+        opt = make([{"params": ps[:2]}, {"params": ps[2:], "alpha": 0.9}])
+        for step, mask in zip(grads, masks, strict=True):
+            for p, g, m in zip(ps, step, mask, strict=True):
+                p.grad = g.clone() if m else None
+            opt.step()
+        return ps, opt
+
+    foreach = False if fused is False else None
+    ours, our_opt = drive(lambda groups: rmsprop.RMSprop(groups, lr=0.01, fused=fused, foreach=foreach))
+    theirs, their_opt = drive(lambda groups: torch.optim.RMSprop(groups, lr=0.01, foreach=False))
+    assert list(map(id, our_opt.state)) == [id(ours[1]), id(ours[2]), id(ours[0])]  # the order the test is about
+    for a, b in zip(ours, theirs, strict=True):
+        if fused is False:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    if fused is False:
+        assert_states_equal(our_opt, their_opt, ours, theirs)
+
+
 def test_differentiable_matches_torch_values_and_gradients():
     """differentiable=True: same values as torch, and gradients flow through the update."""
 

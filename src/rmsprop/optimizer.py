@@ -29,6 +29,37 @@ _STATE_GETTERS = {
     key: operator.methodcaller("get", key) for key in ("step", "square_avg", "grad_avg", "momentum_buffer")
 }
 _NO_STATE = MappingProxyType({})
+
+
+class _StateOrder:
+    """The optimizer's state read in insertion order, for one step's gathering.
+
+    Looking a parameter up in ``self.state`` hashes it with ``Tensor.__hash__``, a Python
+    function: for thousands of parameters that is a large part of a step's bookkeeping. The
+    state a first step (or ``load_state_dict``) creates is inserted group by group, parameter
+    by parameter, so its keys in order are usually the groups' parameters in order. Each group
+    takes the next ``len(params)`` keys when every one of them *is* its parameter (an identity
+    check, no hashing) and their values as its states; otherwise it looks its parameters up, and
+    the groups after it do too.
+    """
+
+    def __init__(self, state: dict) -> None:
+        self._state = state
+        self._keys: list | None = None
+        self._values: list | None = None
+        self._cursor = 0  # where the next group's keys begin; -1: the order was lost
+
+    def states_of(self, params: list[Tensor]) -> list:
+        """Each parameter's state (``_NO_STATE`` where it has none)."""
+        n, start = len(params), self._cursor
+        if start >= 0 and n and start + n <= len(self._state):
+            if self._keys is None:
+                self._keys, self._values = list(self._state), list(self._state.values())
+            if all(map(operator.is_, self._keys[start : start + n], params)):
+                self._cursor = start + n
+                return self._values[start : start + n]
+        self._cursor = -1
+        return list(map(self._state.get, params, repeat(_NO_STATE)))
 D = DEFAULTS
 
 
@@ -258,7 +289,7 @@ class RMSprop(Optimizer):
         return state
 
     def _gather(
-        self, group: dict[str, Any], created: dict[Tensor, dict[str, Any]]
+        self, group: dict[str, Any], created: dict[Tensor, dict[str, Any]], order: _StateOrder | None = None
     ) -> tuple[list[Tensor], ...]:
         """The group's lists; state a parameter lacks is created into ``created``, not yet into
         ``self.state`` (so a step that raises leaves no half-built state behind)."""
@@ -273,7 +304,7 @@ class RMSprop(Optimizer):
             lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
             self._init_group(group, *lists)
             return lists
-        columns = self._gather_eager(group, wanted, created)
+        columns = self._gather_eager(group, wanted, created, order or _StateOrder(self.state))
         return (
             columns["params"],
             columns["grads"],
@@ -283,7 +314,7 @@ class RMSprop(Optimizer):
             columns["step"],
         )
 
-    def _gather_eager(self, group, wanted, created) -> dict[str, list]:
+    def _gather_eager(self, group, wanted, created, order: _StateOrder) -> dict[str, list]:
         # map() over C-level getters: no bytecode per tensor, which matters for thousands of
         # them; `None` is found by identity (`None in grads` would compare tensors elementwise)
         params = group["params"]
@@ -293,7 +324,7 @@ class RMSprop(Optimizer):
             grads = list(map(_GRAD, params))
         else:
             params = list(params)
-        states = list(map(self.state.get, params, repeat(_NO_STATE)))
+        states = order.states_of(params)
         try:  # the steady state: every parameter has all it needs
             columns = {key: list(map(operator.itemgetter(key), states)) for key in wanted}
         except KeyError:
@@ -388,7 +419,8 @@ class RMSprop(Optimizer):
         groups = self.param_groups
         if not torch.compiler.is_compiling():
             groups = [validate_group(g, where=f"param group {i}") for i, g in enumerate(groups)]
-        work = [(group, self._gather(group, created)) for group in groups]
+        order = _StateOrder(self.state)
+        work = [(group, self._gather(group, created, order)) for group in groups]
         work = [(group, lists) for group, lists in work if lists[0]]
         # One group validates inside its own call (nothing of the step is written before);
         # several are all validated first, so that a bad one leaves every group unchanged.
