@@ -42,6 +42,26 @@ def test_stream_bound_moves_the_bytes_it_claims():
     assert torch.equal(p, torch.full_like(p, -2.0)) and torch.equal(v, torch.full_like(v, 2.0))
 
 
+def test_stream_bound_refuses_lists_of_different_lengths():
+    """C reads one gradient and one square-average handle per parameter: shorter lists are refused
+    in Python (before the check they were read past their end). In a subprocess: a crash fails."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from rmsprop.bench.bound import stream_bound\n"
+        "ps = [torch.zeros(10) for _ in range(3)]\n"
+        "try:\n"
+        "    stream_bound(ps, ps[:1], [torch.zeros(10) for _ in range(3)])()\n"
+        "except ValueError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "refused: stream_bound takes one gradient and one square average per parameter, got 3 / 1 / 3" in out.stdout
+
+
 def test_sweeps_report_every_size_thread_count_and_the_training_share(tmp_path, monkeypatch):
     from rmsprop.bench import sweeps
 

@@ -116,6 +116,36 @@ def test_state_created_out_of_parameter_order_is_still_each_parameters_own(fused
         assert_states_equal(our_opt, their_opt, ours, theirs)
 
 
+def test_state_order_reads_in_order_across_groups_and_falls_back_to_lookups():
+    """The optimizer's state reader: in insertion order while the keys are the groups' parameters
+    (a frozen group in between keeps the order), lookups for a group that does not match and for
+    every group after it, and each parameter its own state either way."""
+    from collections import defaultdict
+
+    from rmsprop.optimizer import _NO_STATE, _StateOrder
+
+    a, b, c, d = (torch.zeros(1) for _ in range(4))
+    state = defaultdict(dict)
+    for p in (a, b, c):
+        state[p] = {"who": p}
+    order = _StateOrder(state)
+    assert [s["who"] for s in order.states_of([a, b])] == [a, b] and order._cursor == 2
+    assert order.states_of([]) == [] and order._cursor == 2  # a frozen group
+    assert [s["who"] for s in order.states_of([c])] == [c] and order._cursor == 3
+
+    order = _StateOrder(state)
+    got = order.states_of([b, a, d])  # not the keys' order, and d has no state
+    assert [s.get("who") for s in got] == [b, a, None] and got[2] is _NO_STATE and order._cursor == -1
+    assert [s["who"] for s in order.states_of([c])] == [c]  # found by lookup after a mismatch
+
+    class Remapped(dict):  # a state dict whose lookups mean something else is read through them
+        def get(self, key, default=None):
+            return {"who": "remapped"}
+
+    remapped = Remapped(state)
+    assert [s["who"] for s in _StateOrder(remapped).states_of([a, b, c])] == ["remapped"] * 3
+
+
 def test_differentiable_matches_torch_values_and_gradients():
     """differentiable=True: same values as torch, and gradients flow through the update."""
 

@@ -9,6 +9,7 @@ knows nothing about kernels: the fused backend's memory between steps is an opaq
 from __future__ import annotations
 
 import operator
+from collections import defaultdict
 from itertools import repeat
 from types import MappingProxyType
 from typing import Any
@@ -29,6 +30,9 @@ _STATE_GETTERS = {
     key: operator.methodcaller("get", key) for key in ("step", "square_avg", "grad_avg", "momentum_buffer")
 }
 _NO_STATE = MappingProxyType({})
+
+
+_PLAIN_DICTS = (dict, defaultdict)
 
 
 class _StateOrder:
@@ -52,7 +56,10 @@ class _StateOrder:
     def states_of(self, params: list[Tensor]) -> list:
         """Each parameter's state (``_NO_STATE`` where it has none)."""
         n, start = len(params), self._cursor
-        if start >= 0 and n and start + n <= len(self._state):
+        if n == 0:  # (a frozen group: the next group's keys begin where they did)
+            return []
+        # (a subclass of dict may override its lookups; its values are then read through them)
+        if start >= 0 and type(self._state) in _PLAIN_DICTS and start + n <= len(self._state):
             if self._keys is None:
                 self._keys, self._values = list(self._state), list(self._state.values())
             if all(map(operator.is_, self._keys[start : start + n], params)):
@@ -419,7 +426,7 @@ class RMSprop(Optimizer):
         groups = self.param_groups
         if not torch.compiler.is_compiling():
             groups = [validate_group(g, where=f"param group {i}") for i, g in enumerate(groups)]
-        order = _StateOrder(self.state)
+        order = None if torch.compiler.is_compiling() else _StateOrder(self.state)
         work = [(group, self._gather(group, created, order)) for group in groups]
         work = [(group, lists) for group, lists in work if lists[0]]
         # One group validates inside its own call (nothing of the step is written before);

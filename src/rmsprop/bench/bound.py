@@ -24,6 +24,11 @@ def stream_bound(
     """A zero-argument callable streaming a plain fp32 step's bytes over these float32 tensors."""
     if native.LIB is None:
         raise RuntimeError(f"the native library is unavailable: {native.load_error()}")
+    if not len(params) == len(grads) == len(square_avgs):  # (C reads one handle of each per parameter)
+        raise ValueError(
+            f"stream_bound takes one gradient and one square average per parameter, got "
+            f"{len(params)} / {len(grads)} / {len(square_avgs)}"
+        )
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (*params, *grads, *square_avgs)):
         raise ValueError("stream_bound takes contiguous float32 tensors")
     steps = [torch.zeros((), dtype=torch.float32) for _ in params]
