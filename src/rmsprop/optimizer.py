@@ -30,8 +30,6 @@ _STATE_GETTERS = {
     key: operator.methodcaller("get", key) for key in ("step", "square_avg", "grad_avg", "momentum_buffer")
 }
 _NO_STATE = MappingProxyType({})
-
-
 _PLAIN_DICTS = (dict, defaultdict)
 
 
@@ -67,6 +65,8 @@ class _StateOrder:
                 return self._values[start : start + n]
         self._cursor = -1
         return list(map(self._state.get, params, repeat(_NO_STATE)))
+
+
 D = DEFAULTS
 
 
@@ -296,7 +296,7 @@ class RMSprop(Optimizer):
         return state
 
     def _gather(
-        self, group: dict[str, Any], created: dict[Tensor, dict[str, Any]], order: _StateOrder | None = None
+        self, group: dict[str, Any], created: dict[Tensor, dict[str, Any]], order: _StateOrder
     ) -> tuple[list[Tensor], ...]:
         """The group's lists; state a parameter lacks is created into ``created``, not yet into
         ``self.state`` (so a step that raises leaves no half-built state behind)."""
@@ -311,7 +311,7 @@ class RMSprop(Optimizer):
             lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
             self._init_group(group, *lists)
             return lists
-        columns = self._gather_eager(group, wanted, created, order or _StateOrder(self.state))
+        columns = self._gather_eager(group, wanted, created, order)
         return (
             columns["params"],
             columns["grads"],
@@ -426,7 +426,7 @@ class RMSprop(Optimizer):
         groups = self.param_groups
         if not torch.compiler.is_compiling():
             groups = [validate_group(g, where=f"param group {i}") for i, g in enumerate(groups)]
-        order = None if torch.compiler.is_compiling() else _StateOrder(self.state)
+        order = _StateOrder(self.state)  # (reads nothing until a group asks: never under compile)
         work = [(group, self._gather(group, created, order)) for group in groups]
         work = [(group, lists) for group, lists in work if lists[0]]
         # One group validates inside its own call (nothing of the step is written before);

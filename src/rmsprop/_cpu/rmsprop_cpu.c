@@ -506,11 +506,11 @@ static uint8_t validate_record(const rms_lists *L, int64_t t, const rms_call *ca
  * 2-core Zen 3 VM: 4.1 ms of the step's 14 ms went to the validation). Records are warmed in
  * batches some records ahead, so that the misses overlap: first the TensorImpl's first byte is
  * read (a load: it fills the TLB, where a software prefetch that misses the TLB may be dropped),
- * and a batch later its next lines are prefetched. The only addresses used are the handles
- * themselves, the TensorImpls' own first bytes, which the shim reads anyway; a prefetch cannot
- * fault, so nothing past the object is ever loaded. */
+ * and a batch later its next lines are prefetched. The only byte loaded is the first of the
+ * object a handle points to, inside it whatever its layout; the lines after it are only
+ * prefetched, which cannot fault, so nothing past the object is ever loaded. */
 #define RMS_WARM_BATCH 16
-#define RMS_WARM_LINES 4 /* the TensorImpl fields the shim reads lie within its first 256 bytes */
+#define RMS_WARM_LINES 4 /* (torch 2.13's shim reads TensorImpl fields within its first 256 bytes) */
 static void warm_records(const rms_lists *L, int64_t lo, int64_t hi, int64_t n, int load) {
     const int64_t *const cols[6] = {L->param, L->grad, L->square_avg, L->grad_avg, L->momentum_buffer, L->step};
     if (hi > n) hi = n;
