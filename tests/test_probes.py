@@ -208,6 +208,23 @@ refused(opt.step, RuntimeError, "inference tensor")
 with torch.inference_mode():
     q = torch.randn(10); q.grad = torch.randn(10)
     o = rmsprop.RMSprop([q]); o.step()
+# steps taken inside inference mode do not vouch for one outside it (the fast path once reused
+# their validation and wrote the inference tensors): refused with nothing changed, as torch does
+for kw in ({}, {"fused": True}, {"foreach": True}, {"foreach": False}, {"momentum": 0.9, "centered": True}):
+    with torch.inference_mode():
+        ip = torch.randn(100); ip.grad = torch.randn(100)
+        opt = rmsprop.RMSprop([ip], **kw)
+        opt.step(); opt.step()
+    snap = snapshot(opt, [ip])
+    refused(opt.step, RuntimeError, "inference tensor")
+    unchanged(opt, [ip], snap)
+    with torch.inference_mode():
+        opt.step()  # and inside again it steps
+    assert not torch.equal(ip, snap[0][0]), kw
+peer = torch.optim.RMSprop([ip])
+with torch.inference_mode():
+    peer.step()
+refused(peer.step, RuntimeError, "inference tensor")
 """,
     # 11d. Gradients with the negative or conjugate bit are stepped in the right direction.
     "11-neg-conj-bits": """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 __all__ = ["PersistedEntry", "EntryCache"]
@@ -22,6 +23,9 @@ class PersistedEntry:
 
     def __init__(self, persisted: tuple[Sequence[Tensor], ...]) -> None:
         self.persisted = tuple(tuple(lst) for lst in persisted)
+        # Inside inference mode the step may write inference tensors, which torch refuses to
+        # update in place outside it: an entry validated there holds only inside it.
+        self.inference_mode = torch.is_inference_mode_enabled()
 
     def matches(self, persisted: tuple[Sequence[Tensor], ...]) -> bool:
         """True when ``persisted`` holds exactly these tensor objects, list by list."""
@@ -48,9 +52,9 @@ class EntryCache:
     def lookup(self, persisted: tuple[Sequence[Tensor], ...]):
         params = persisted[0]
         entry = self._entries.get((id(params[0]), len(params))) if params else None
-        if entry is not None and entry.matches(persisted):
-            return entry
-        return None
+        if entry is None or (entry.inference_mode and not torch.is_inference_mode_enabled()):
+            return None
+        return entry if entry.matches(persisted) else None
 
     def store(self, entry: PersistedEntry) -> None:
         params = entry.persisted[0]
