@@ -556,3 +556,27 @@ def test_conversion_hooks_refuse_mismatched_tensors():
         _convert("rmsprop_f32_to_f16", torch.zeros(10), torch.zeros(10))  # wrong output dtype
     with pytest.raises(AssertionError):
         _convert("rmsprop_f32_to_f16", torch.zeros(20)[::2], torch.zeros(10, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("layout", ["column-major", "channels-last"])
+def test_bf16_state_draws_the_same_bits_on_every_path_for_a_permuted_parameter(layout):
+    """Stochastic rounding numbers elements in row-major order on the torch paths; the kernel
+    walks memory, so it must leave a permuted parameter to them (it once stepped it, and drew
+    other bits: a third of square_avg differed after one step)."""
+    g = torch.Generator().manual_seed(0)
+    shape = (64, 96) if layout == "column-major" else (4, 8, 6, 5)
+    p0, g0 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+    def permute(t):
+        return t.t().contiguous().t() if layout == "column-major" else t.contiguous(memory_format=torch.channels_last)
+
+    results = {}
+    for path, kw in {"default": {}, "foreach": {"fused": False, "foreach": True}, "single": {"fused": False}}.items():
+        p = torch.nn.Parameter(permute(p0))
+        opt = rmsprop.RMSprop([p], lr=1e-2, momentum=0.9, state_dtype=torch.bfloat16, **kw)
+        for _ in range(3):
+            p.grad = permute(g0)
+            opt.step()
+        results[path] = (p.detach().clone(), opt.state[p]["square_avg"].clone(), opt.state[p]["momentum_buffer"].clone())
+    for path in ("default", "single"):
+        assert all(torch.equal(a, b) for a, b in zip(results[path], results["foreach"], strict=True)), path

@@ -187,6 +187,87 @@ for kw in ({}, {"fused": True}, {"foreach": True}):
         assert t._version > 0, (key, kw)
     refused(loss.backward, RuntimeError, "modified by an inplace operation")
 """,
+    # 11b'. The kernel bumps the counters itself (through torch's autograd functions): exactly
+    # once a step, each tensor the step writes and nothing else; the same with Python bumping
+    # them (a torch without those functions); nothing on a step skipped for an inf; no crash on
+    # inference tensors, which have no counter (torch raises, in C++, for one outside inference
+    # mode: the kernel must never ask it to).
+    "11-kernel-version-bumps": """
+from rmsprop.backends.fused_cpu import native
+assert native.BUMPS_VERSIONS, "torch 2.13 exports both functions and the load-time probe accepts them"
+def versions(opt, ps):
+    return [(p._version, p.grad._version, sorted((k, v._version) for k, v in opt.state[p].items()
+            if isinstance(v, torch.Tensor))) for p in ps]
+def bumped(before, after, expect):
+    for (p0, g0, s0), (p1, g1, s1) in zip(before, after):
+        assert p1 - p0 == expect and g1 == g0, (before, after)
+        assert [k for k, _ in s0] == [k for k, _ in s1] and all(b - a == expect for (_, a), (_, b) in zip(s0, s1)), (s0, s1)
+results = {}
+for kernel_bumps in (True, False):
+    native.BUMPS_VERSIONS = kernel_bumps
+    for kw in ({}, {"momentum": 0.9, "centered": True}, {"state_dtype": "int8", "momentum": 0.9, "centered": True},
+               {"state_dtype": torch.bfloat16, "momentum": 0.9}, {"foreach": None, "fused": None}):
+        torch.manual_seed(0)
+        ps = [torch.randn(n, requires_grad=True) for n in (1000, 3, 300)]
+        for p in ps: p.grad = torch.randn_like(p)
+        opt = rmsprop.RMSprop(ps, **({"fused": True} | kw))
+        opt.step()
+        v1 = versions(opt, ps)
+        opt.step()                                   # the fast path
+        v2 = versions(opt, ps)
+        bumped(v1, v2, 1)
+        opt.grad_scale, opt.found_inf = torch.tensor(2.), torch.tensor(1.)
+        opt.step()                                   # skipped: an inf was found
+        bumped(v2, versions(opt, ps), 0)
+        opt.found_inf = torch.tensor(0.)
+        opt.step()                                   # unscaled in place: the gradients too
+        v3 = versions(opt, ps)
+        assert all(b[1] == a[1] + 1 and b[0] == a[0] + 1 for a, b in zip(v2, v3)), (v2, v3)
+        results[(kernel_bumps, str(kw))] = [p.detach().clone() for p in ps]
+for kw in {k for _, k in results}:
+    assert all(torch.equal(a, b) for a, b in zip(results[(True, kw)], results[(False, kw)])), kw
+native.BUMPS_VERSIONS = True
+# a view's counter is its base's: bumping the view bumps the base, once
+base = torch.zeros(2, 500); p = base[1]; p.requires_grad_(); p.grad = torch.randn(500)
+opt = rmsprop.RMSprop([p], fused=True); v = base._version; opt.step()
+assert base._version == v + 1 and p._version == v + 1
+# inference tensors inside inference mode: no counter to bump, and no crash
+with torch.inference_mode():
+    ip = torch.randn(100); ip.grad = torch.randn(100)
+    o = rmsprop.RMSprop([ip], fused=True, momentum=0.9); o.step(); o.step()
+# the test hook refuses what is not a tensor's handle before bumping anything
+t = torch.zeros(3); v = t._version
+keep = native.optional_handles([t, None])
+assert native.LIB.rmsprop_bump_versions(keep.buffer_info()[0], 2) != 0 and t._version == v
+assert native.LIB.rmsprop_bump_versions(keep.buffer_info()[0], 1) == 0 and t._version == v + 1
+""",
+    # 11b''. A torch without those functions, or whose functions the load-time probe rejects:
+    # the kernel stays in use and Python bumps the counters.
+    "11-kernel-without-version-functions": """
+from rmsprop.backends.fused_cpu import native
+symbols, probe = native._VERSION_FUNCTIONS, native._probe_versions
+for breakage in ("symbols", "misbehaving", "probe"):
+    if breakage == "symbols":
+        native._VERSION_FUNCTIONS = {"version_counter": "no_such_symbol", "bump_version": "no_such_symbol_either"}
+    elif breakage == "misbehaving":  # a "bump" that bumps nothing (the getter, harmless to call)
+        native._VERSION_FUNCTIONS = {"version_counter": symbols["version_counter"], "bump_version": symbols["version_counter"]}
+    else:
+        native._VERSION_FUNCTIONS, native._probe_versions = symbols, lambda lib: False
+    lib, error = native._load()
+    assert error is None and lib is not None and not lib.rmsprop_bumps_versions(), (breakage, error)
+    native.BUMPS_VERSIONS = bool(lib.rmsprop_bumps_versions())
+    p = torch.randn(1000, requires_grad=True)
+    opt = rmsprop.RMSprop([p], fused=True, momentum=0.9)
+    loss = (p * p).sum()
+    p.grad = torch.randn(1000)
+    opt.step(); v = p._version; opt.step()
+    assert p._version == v + 1 and all(t._version == 2 for t in opt.state[p].values()), breakage
+    refused(loss.backward, RuntimeError, "modified by an inplace operation")
+    # asking the kernel to bump without the functions is refused, not a crash
+    call = native.Call(mode=native.MODE_RUN, dtype_mask=1, bump_versions=1)
+    rc = lib.rmsprop_step(native.Lists(), 0, call, 1, None, None, None)
+    assert rc == -1, rc
+""",
     # 11c. Inference tensors are refused outside inference mode, as torch refuses in-place updates.
     "11-inference-tensors": """
 with torch.inference_mode():
@@ -197,13 +278,23 @@ for kw in ({}, {"fused": True}, {"foreach": True}, {"foreach": False}):
     before = ip.clone()
     refused(opt.step, RuntimeError, "inference tensor")
     assert torch.equal(ip, before) and len(opt.state) == 0
-# a parameter whose .data became an inference tensor after the first fused steps
+# a parameter whose .data became an inference tensor after the first fused steps keeps its
+# own version counter, and torch updates it in place (probe review2-5): so do we; a state
+# tensor replaced by one made in inference mode is refused
 p, opt = trained(steps=2)
 with torch.inference_mode():
     fresh = torch.randn(1000)
 p.data = fresh
 p.grad = torch.randn(1000)
+before = p.detach().clone()
+opt.step()
+assert not torch.equal(p.detach(), before)
+with torch.inference_mode():
+    fresh = torch.ones(1000)
+opt.state[p]["square_avg"] = fresh
+snap = snapshot(opt, [p])
 refused(opt.step, RuntimeError, "inference tensor")
+unchanged(opt, [p], snap)
 # inside inference mode the step works
 with torch.inference_mode():
     q = torch.randn(10); q.grad = torch.randn(10)
@@ -507,6 +598,158 @@ for kw in ({"fused": True}, {"fused": False}):
     before = p.detach().clone(); p.grad = torch.randn(1000)
     opt.step()
     assert torch.equal(p.detach(), before), kw
+""",
+    # Second review (this stop's adversarial pass over the fast path), S1. torch.utils.swap_tensors
+    # keeps the Python objects and swaps the TensorImpls inside them: the cached handles then
+    # named the other tensor (a freed one after load_state_dict(assign=True): a segfault).
+    "review2-1-swap-tensors": """
+def run(make, swap_state=False, clear=False):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = make([p])
+    p.grad = torch.ones(4); opt.step()
+    q = torch.nn.Parameter(torch.zeros(4))
+    if swap_state:
+        q = torch.full((4,), 0.25)
+        torch.utils.swap_tensors(opt.state[p]["square_avg"], q)
+    else:
+        torch.utils.swap_tensors(p, q)
+    if clear:
+        opt._fused_cache.clear()
+    q_before = q.detach().clone()
+    p.grad = torch.ones(4); opt.step()
+    assert torch.equal(q_before, q.detach()), "the tensor swapped out was written"
+    return p.detach().clone(), opt.state[p]["square_avg"].clone()
+for swap_state in (False, True):
+    want = run(lambda ps: torch.optim.RMSprop(ps, lr=0.1, foreach=False), swap_state)
+    for kw in ({"fused": False}, {}, {"fused": True}):
+        for clear in (False, True):
+            got = run(lambda ps: rmsprop.RMSprop(ps, lr=0.1, **kw), swap_state, clear)
+            assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(got, want)), (swap_state, kw, clear)
+torch.__future__.set_swap_module_params_on_conversion(True)
+try:
+    for cls in (torch.optim.RMSprop, rmsprop.RMSprop):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = cls(model.parameters(), lr=0.01)
+        x = torch.randn(8, 4)
+        model(x).sum().backward(); opt.step()
+        model.load_state_dict({k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}, assign=True)
+        opt.zero_grad(); model(x).sum().backward()
+        import gc; gc.collect()
+        opt.step()
+        if cls is torch.optim.RMSprop:
+            want = model.weight.detach().clone()
+        else:
+            assert torch.allclose(model.weight.detach(), want, rtol=1e-6, atol=0)
+finally:
+    torch.__future__.set_swap_module_params_on_conversion(False)
+""",
+    # S2. A negative or conjugate bit set on a state tensor in place (`.data = t.data.conj()`)
+    # was seen on the full path only: the fast path stepped the raw memory.
+    "review2-2-state-bits-on-the-fast-path": """
+def run(kw, mutate, complex_=True, clear=False):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, dtype=torch.complex64 if complex_ else torch.float32))
+    opt = rmsprop.RMSprop([p], momentum=0.9, **kw)
+    p.grad = torch.randn_like(p); opt.step()
+    mutate(opt.state[p])
+    if clear:
+        opt._fused_cache.clear()
+    p.grad = torch.randn_like(p)
+    snap = snapshot(opt, [p])
+    msg = refused(opt.step, RuntimeError, "conjugate or negative bit")
+    unchanged(opt, [p], snap)
+    return msg
+def conj_sq(st): st["square_avg"].data = st["square_avg"].data.conj()
+def neg_buf(st): st["momentum_buffer"].data = torch._neg_view(st["momentum_buffer"].data)
+def neg_step(st): st["step"].data = torch._neg_view(st["step"].data)
+from rmsprop.backends.fused_cpu import native
+for kernel_reads_bits in (True, False):
+    if not kernel_reads_bits:  # a torch without at::native::is_neg / is_conj: Python reads them
+        native._BIT_FUNCTIONS = {"is_neg": "no_such_symbol", "is_conj": "no_such_symbol_either"}
+        lib, error = native._load()
+        assert error is None and not lib.rmsprop_reads_bits()
+        native.READS_BITS = False
+    for kw in ({}, {"fused": True}, {"state_dtype": torch.bfloat16}, {"state_dtype": "int8", "int8_min_numel": 1}):
+        for mutate, complex_ in ((conj_sq, True), (neg_buf, False), (neg_step, False)):
+            if "state_dtype" in kw and complex_:
+                continue
+            assert run(kw, mutate, complex_) == run(kw, mutate, complex_, clear=True), (kw, mutate, kernel_reads_bits)
+""",
+    # S3. The records the kernel declined were cached with the choice they were made under:
+    # fused switched to True mid-run then let a declined record through to torch's path.
+    "review2-3-fused-switched-on-mid-run": """
+base = torch.randn(4, 6)
+p0 = torch.nn.Parameter(torch.randn(3, 3))
+p1 = torch.nn.Parameter(base[:, ::2])  # not dense: the kernel declines it
+opt = rmsprop.RMSprop([p0, p1], lr=0.01)
+for s in range(2):
+    p0.grad = torch.randn_like(p0); p1.grad = torch.randn_like(p1)
+    opt.step()
+opt.param_groups[0]["fused"] = True
+p0.grad = torch.randn_like(p0); p1.grad = torch.randn_like(p1)
+snap = snapshot(opt, [p0, p1])
+refused(opt.step, RuntimeError, "fused=True: parameter 1")
+unchanged(opt, [p0, p1], snap)
+""",
+    # S4. A parameter or state tensor whose elements share memory (expanded) passed the checks;
+    # torch's op then raised part-way, after the kernel (or earlier ops) had written others.
+    "review2-4-self-overlapping-tensors": """
+for kw in ({}, {"fused": False, "foreach": True}, {"fused": False, "foreach": False}, {"fused": True}):
+    torch.manual_seed(0)
+    p0 = torch.nn.Parameter(torch.randn(6)); p1 = torch.nn.Parameter(torch.randn(4))
+    opt = rmsprop.RMSprop([p0, p1], **kw)
+    p0.grad, p1.grad = torch.randn(6), torch.randn(4)
+    opt.step()
+    opt.state[p1]["square_avg"].data = torch.zeros(1).expand(4)
+    p0.grad, p1.grad = torch.randn(6), torch.randn(4)
+    snap, v0 = snapshot(opt, [p0, p1]), p0._version
+    refused(opt.step, RuntimeError, "parameter 1")
+    unchanged(opt, [p0, p1], snap)
+    assert p0._version == v0, kw
+    # on the first step: nothing written, no state kept
+    p0 = torch.nn.Parameter(torch.randn(6)); p1 = torch.nn.Parameter(torch.randn(1).expand(4))
+    opt = rmsprop.RMSprop([p0, p1], **kw); before = p0.detach().clone()
+    p0.grad, p1.grad = torch.randn(6), torch.randn(4)
+    refused(opt.step, RuntimeError, "parameter 1")
+    assert torch.equal(before, p0.detach()) and len(opt.state) == 0, kw
+""",
+    # S5. `p.data = <inference tensor>` keeps p's own version counter, and torch updates p in
+    # place; the check refused every tensor whose is_inference() is true.
+    "review2-5-data-set-to-an-inference-tensor": """
+def run(make):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = make([p])
+    p.grad = torch.randn(4); opt.step()
+    with torch.inference_mode():
+        new = torch.randn(4)
+    p.data = new
+    p.grad = torch.randn(4); opt.step()
+    p.grad = torch.randn(4); opt.step()
+    return p.detach().clone()
+want = run(lambda ps: torch.optim.RMSprop(ps, foreach=False))
+for kw in ({"fused": False, "foreach": False}, {"fused": False, "foreach": True}, {}, {"fused": True}):
+    assert torch.allclose(run(lambda ps: rmsprop.RMSprop(ps, **kw)), want, rtol=1e-6, atol=0), kw
+""",
+    # S7. Cached entries held parameters the user had dropped (and their state) until 64 others
+    # pushed them out; torch's optimizer lets them go.
+    "review2-7-dropped-parameters-are-freed": """
+import gc, weakref
+for kw in ({}, {"fused": True}):
+    old = torch.nn.Parameter(torch.randn(1000))
+    opt = rmsprop.RMSprop([old], **kw)
+    old.grad = torch.randn_like(old); opt.step(); opt.step()
+    w = weakref.ref(old); ws = weakref.ref(opt.state[old]["square_avg"])
+    new = torch.nn.Parameter(torch.randn(1000)); new.grad = torch.randn_like(new)
+    opt.param_groups[0]["params"] = [new]
+    del opt.state[old]
+    del old; gc.collect()
+    opt.step(); gc.collect()
+    assert w() is None and ws() is None, kw
+    opt.step()                               # and the new entry stays in use
+    assert len(opt._fused_cache) == 1
 """,
     # Device-aware default: no CPU tensors, no CPU kernel and no warning about it.
     "device-aware-default": """

@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach, _get_capturable_supported_devices
 
 from . import lowbit, sparse
-from .backends import fused_cpu, fused_triton
+from .backends import fused_cpu, fused_triton, inplace
 from .backends.foreach import rmsprop_foreach
 from .backends.fused_cpu import FusedCache
 from .backends.lowbit import rmsprop_lowbit
@@ -121,6 +121,10 @@ def _check_arguments(lists: Lists, lr, rule, grad_scale, found_inf) -> float | T
     return lr
 
 
+def _OVERLAPS_ITSELF(t: Tensor) -> bool:
+    return torch._debug_has_internal_overlap(t) == 1  # (2, "too hard to tell", torch lets through)
+
+
 def _check_torch_tensors(
     lists: Lists, capturable: bool, positions: list[int] | None = None, state: bool = True
 ) -> None:
@@ -180,6 +184,14 @@ def _check_torch_tensors(
                 f"parameter {at(i)}: its {name[:-1]} has its conjugate or negative bit set; resolve it first "
                 "(t.data = t.data.resolve_conj().resolve_neg()); nothing was updated"
             )
+        # torch's in-place ops refuse to write a tensor whose elements share memory (an expanded
+        # one), but only when they reach it, after earlier tensors of the step were written
+        if any(map(_OVERLAPS_ITSELF, lst)):
+            i = next(i for i, t in enumerate(lst) if _OVERLAPS_ITSELF(t))
+            raise RuntimeError(
+                f"parameter {at(i)}: its {name[:-1]} has elements that share memory (an expanded tensor?), "
+                "which an in-place update cannot write; nothing was updated"
+            )
     steps = lists[5]
     if not all(s.numel() == 1 and s.dtype in (torch.float32, torch.float64) for s in steps):
         i = next(i for i, s in enumerate(steps) if not (s.numel() == 1 and s.dtype in (torch.float32, torch.float64)))
@@ -187,13 +199,8 @@ def _check_torch_tensors(
             f"parameter {at(i)}: its step counter must be a one-element float32/float64 tensor, got "
             f"{steps[i].dtype} {tuple(steps[i].shape)}; nothing was updated"
         )
-    if not torch.is_inference_mode_enabled():
-        for lst in (params, *lists[2:]):
-            if lst and any(map(Tensor.is_inference, lst)):
-                raise RuntimeError(
-                    "Inplace update to inference tensor outside InferenceMode is not allowed: a parameter "
-                    "or its optimizer state is an inference tensor; nothing was updated"
-                )
+    if inplace.without_version_counter((params, *lists[2:])):
+        raise RuntimeError(inplace.MESSAGE)
 
 
 def _show(value) -> str:

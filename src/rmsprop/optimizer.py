@@ -457,4 +457,6 @@ class RMSprop(Optimizer):
             self.state.update(created)
             for run in steps:
                 run()
+        if not torch.compiler.is_compiling():
+            self._fused_cache.sweep()
         return loss

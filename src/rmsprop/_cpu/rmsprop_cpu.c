@@ -11,7 +11,12 @@
  * can therefore be stale: a tensor resized, re-dtyped or given new storage since the last step is
  * seen as it is now. An AtenTensorHandle is an at::Tensor*, and an at::Tensor is one pointer to
  * its TensorImpl, so the address of a slot holding a TensorImpl* is a valid handle; the loader
- * checks that on a probe tensor before enabling the kernel.
+ * checks that on a probe tensor before enabling the kernel. Four functions of torch's own, outside
+ * the shim, are used where the loader finds them and its probes accept them (else Python does
+ * their work, as before): at::native::is_neg / is_conj, so validation refuses a lazily negated or
+ * conjugated view on every step, and torch::autograd::impl::version_counter / bump_version, so a
+ * step bumps the version counter of each tensor it writes between its validation and its first
+ * write. Each takes a const at::Tensor&, which is such a slot too.
  *
  * Per element, with M the math type (float for fp32/bf16/fp16 storage, double for fp64):
  *   g  = grad * inv_grad_scale * sign                  (sign = -1 when maximize)
@@ -48,7 +53,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define RMS_ABI_VERSION 4
+#define RMS_ABI_VERSION 5
 
 /* Element kinds of a record (storage dtype); complex tensors are (re, im) pairs of f32 / f64. */
 enum { RMS_F32 = 0, RMS_F64 = 1, RMS_BF16 = 2, RMS_F16 = 3, RMS_C64 = 4, RMS_C128 = 5, RMS_KINDS = 6 };
@@ -79,7 +84,9 @@ enum {
     RMS_ST_NOT_CHOSEN = 10,  /* supported, but excluded by the caller's dtype mask */
     RMS_ST_DIMS = 11,        /* more than RMS_MAX_DIMS dimensions */
     RMS_ST_STORAGE = 12,     /* its elements reach past the end of its storage (a resized storage) */
-    /* 13, 14: Python's own (a tensor subclass; a conjugate or negative bit) */
+    /* 13: Python's own (a tensor subclass) */
+    RMS_ST_BITS = 14,        /* its conjugate or negative bit is set (read where torch's functions are installed;
+                              * Python reads them otherwise) */
     RMS_ST_SCALES = 15,      /* int8 state: its scales are missing, of another dtype or count, or not contiguous */
     RMS_ST_FORMAT = 16,      /* a state format the kernel does not take for this parameter (e.g. float64 with bf16
                               * state, int8 state of a non-contiguous parameter): the torch path steps it */
@@ -102,6 +109,18 @@ typedef int32_t (*rms_ptr_fn)(void *tensor, void **out);
 typedef int32_t (*rms_i64_fn)(void *tensor, int64_t *out);
 typedef int32_t (*rms_i32_fn)(void *tensor, int32_t *out);
 typedef int32_t (*rms_arr_fn)(void *tensor, int64_t **out);
+/* Two functions of torch's autograd (not the shim; exported C++ functions found by their
+ * mangled names, optional: without them Python bumps the version counters). Each takes a
+ * `const at::Tensor &`, whose object is one TensorImpl pointer: a handle's slot in a column is
+ * exactly that. version_counter returns the TensorImpl's VariableVersion, one pointer (NULL: an
+ * inference tensor, which has no counter); bump_version adds 1 to the counter, and raises a C++
+ * exception for a tensor without one outside inference mode, which C cannot catch: it is only
+ * ever called on a tensor whose counter was just seen. */
+typedef const void *const *(*rms_version_fn)(const int64_t *tensor);
+typedef void (*rms_bump_fn)(const int64_t *tensor);
+/* at::native::is_neg / is_conj (const at::Tensor&): the negative and conjugate bits of the
+ * TensorImpl's dispatch keys, which the shim does not expose; optional likewise. */
+typedef _Bool (*rms_bit_fn)(const int64_t *tensor);
 
 typedef struct {
     int64_t struct_size;              /* sizeof(rms_torch_api), checked in rmsprop_init */
@@ -114,6 +133,9 @@ typedef struct {
     int32_t dtype_code[RMS_KINDS];    /* torch's ScalarType codes for f32, f64, bf16, f16, c64, c128 */
     int32_t dtype_uint8;              /* ... and for uint8 (int8 state codes) */
     int32_t device_cpu, layout_strided;
+    rms_version_fn version_counter; /* torch::autograd::impl::version_counter, or NULL */
+    rms_bump_fn bump_version;       /* torch::autograd::impl::bump_version, or NULL */
+    rms_bit_fn is_neg, is_conj;     /* at::native::is_neg / is_conj, or NULL */
 } rms_torch_api;
 
 static rms_torch_api g_api;
@@ -141,6 +163,7 @@ typedef struct {
     int32_t write_back;  /* with grad_scale: store the unscaled gradient, as GradScaler.unscale_ */
     const int64_t *grad_scale; /* NULL or one TensorImpl address: a one-element f32 CPU tensor */
     const int64_t *found_inf;  /* NULL or the same: when nonzero the step is skipped */
+    int32_t bump_versions;     /* bump the version counter of every tensor a step writes */
 } rms_call;
 
 /* state_dtype codes (rms_call) and the record formats they give (see rmsprop/lowbit.py):
@@ -185,7 +208,7 @@ static const rms_field call_fields[] = {
     RMS_FIELD(rms_call, state_dtype),
     RMS_FIELD(rms_call, mode),        RMS_FIELD(rms_call, dtype_mask),
     RMS_FIELD(rms_call, write_back),  RMS_FIELD(rms_call, grad_scale),
-    RMS_FIELD(rms_call, found_inf),
+    RMS_FIELD(rms_call, found_inf),   RMS_FIELD(rms_call, bump_versions),
 };
 static const rms_field lists_fields[] = {
     RMS_FIELD(rms_lists, param),      RMS_FIELD(rms_lists, grad),
@@ -204,6 +227,8 @@ static const rms_field api_fields[] = {
     RMS_FIELD(rms_torch_api, dtype_code),       RMS_FIELD(rms_torch_api, dtype_uint8),
     RMS_FIELD(rms_torch_api, device_cpu),
     RMS_FIELD(rms_torch_api, layout_strided),
+    RMS_FIELD(rms_torch_api, version_counter), RMS_FIELD(rms_torch_api, bump_version),
+    RMS_FIELD(rms_torch_api, is_neg),           RMS_FIELD(rms_torch_api, is_conj),
 };
 
 int32_t rmsprop_abi_version(void) { return RMS_ABI_VERSION; }
@@ -232,7 +257,7 @@ int32_t rmsprop_init(const rms_torch_api *api) {
     if (!api || api->struct_size != (int64_t)sizeof(rms_torch_api)) return -1;
     if (!api->mutable_data_ptr || !api->const_data_ptr || !api->numel || !api->dim || !api->dtype ||
         !api->device_type || !api->layout || !api->sizes || !api->strides || !api->storage_size ||
-        !api->storage_offset)
+        !api->storage_offset || !api->version_counter != !api->bump_version || !api->is_neg != !api->is_conj)
         return -1;
     g_api = *api;
     rmsprop_set_isa(-1);
@@ -340,6 +365,8 @@ static int describe(const int64_t *slot, int writable, rms_view *out) {
     if (g_api.device_type(h, &device) || g_api.layout(h, &layout) || g_api.dtype(h, &dtype)) return RMS_ST_TORCH;
     if (device != g_api.device_cpu) return RMS_ST_DEVICE;
     if (layout != g_api.layout_strided) return RMS_ST_LAYOUT;
+    /* a lazily negated or conjugated view: its memory holds the values before the negation */
+    if (g_api.is_neg && (g_api.is_neg(slot) || g_api.is_conj(slot))) return RMS_ST_BITS;
     if (g_api.numel(h, &out->numel) || g_api.dim(h, &out->dim)) return RMS_ST_TORCH;
     if (out->numel < 0 || out->dim < 0) return RMS_ST_TORCH;
     if (out->dim > RMS_MAX_DIMS) return RMS_ST_DIMS;
@@ -449,6 +476,10 @@ static uint8_t validate_record(const rms_lists *L, int64_t t, const rms_call *ca
             if (other.kind != want) return RMS_STATUS(RMS_ST_DTYPE, RMS_T_SQUARE_AVG);
             fmt = sd == RMS_SD_BF16 ? RMS_FMT_BF16SR : (want == p.kind ? RMS_FMT_SAME : RMS_FMT_F32);
             if (fmt != RMS_FMT_SAME && !lowp) return RMS_STATUS(RMS_ST_FORMAT, RMS_T_PARAM);
+            /* stochastic rounding draws its bits by (step, tensor, element) with elements in
+             * row-major order, as the torch paths number them; the kernel walks memory, so a
+             * permuted layout (a transposed weight, channels-last) goes to the torch path */
+            if (fmt == RMS_FMT_BF16SR && !p.contiguous_order) return RMS_STATUS(RMS_ST_FORMAT, RMS_T_PARAM);
         }
     }
     rec->fmt = fmt;
@@ -1710,6 +1741,50 @@ static int read_scalar(const int64_t *slot, float *out) {
     return 0;
 }
 
+int32_t rmsprop_bumps_versions(void) { return atomic_load(&g_api_ready) && g_api.bump_version != NULL; }
+int32_t rmsprop_reads_bits(void) { return atomic_load(&g_api_ready) && g_api.is_neg != NULL; }
+/* Test hook and load-time probe: a tensor's bits as validation reads them (1 negative, 2
+ * conjugate), or -1 without the functions. */
+int32_t rmsprop_tensor_bits(const int64_t *handle) {
+    if (!atomic_load(&g_api_ready) || !g_api.is_neg) return -1;
+    if (!handle || !*handle) return -1;
+    return (g_api.is_neg(handle) ? 1 : 0) | (g_api.is_conj(handle) ? 2 : 0);
+}
+
+/* One tensor's version counter + 1, as an in-place op does; an inference tensor has none and is
+ * left alone, as torch.autograd.graph.increment_version leaves it. */
+static void bump_slot(const int64_t *slot) {
+    if (*g_api.version_counter(slot)) g_api.bump_version(slot);
+}
+
+/* The counters of every tensor record t's step writes, read from the columns the record was
+ * validated from (what is written: see validate_record). Called between the validation and the
+ * first write, while the TensorImpls are still in the cache. */
+static void bump_record(const rms_lists *L, const rms_record *rec, int64_t t, int grad_written) {
+    bump_slot(&L->param[t]);
+    bump_slot(&L->square_avg[t]);
+    bump_slot(&L->step[t]);
+    if (rec->m) bump_slot(&L->grad_avg[t]);
+    if (rec->b) bump_slot(&L->momentum_buffer[t]);
+    if (rec->vs) bump_slot(&L->square_avg_scale[t]);
+    if (rec->ms) bump_slot(&L->grad_avg_scale[t]);
+    if (rec->bs) bump_slot(&L->momentum_buffer_scale[t]);
+    if (grad_written) bump_slot(&L->grad[t]);
+}
+
+/* Test hook and load-time probe: bump the counters of n tensors as a step bumps them. */
+int32_t rmsprop_bump_versions(const int64_t *handles, int64_t n) {
+    if (!atomic_load(&g_api_ready) || !g_api.bump_version) return RMS_NOT_INITIALISED;
+    if (n < 0 || (n > 0 && !handles)) return RMS_BAD_ARGUMENT;
+    for (int64_t t = 0; t < n; t++) {
+        rms_view v;
+        int r = describe(&handles[t], 0, &v);
+        if (r) return RMS_INVALID;
+    }
+    for (int64_t t = 0; t < n; t++) bump_slot(&handles[t]);
+    return RMS_OK;
+}
+
 /* The persistent tensors of record t (everything but the gradient) as in the previous step. */
 static int unchanged(const rms_record *old, const rms_record *now) {
     return old->valid && old->p == now->p && old->v == now->v && old->m == now->m && old->b == now->b &&
@@ -1733,6 +1808,7 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
                      void *records, uint8_t *status, int64_t *bad) {
     if (!atomic_load(&g_api_ready)) return RMS_NOT_INITIALISED;
     if (!lists || !call || n < 0 || num_threads < 1 || (n > 0 && !records)) return RMS_BAD_ARGUMENT;
+    if (call->bump_versions && !g_api.bump_version) return RMS_BAD_ARGUMENT;
     const int mode = call->mode & 0xff;
     if (mode != RMS_MODE_CHECK && mode != RMS_MODE_RUN && mode != RMS_MODE_STREAM) return RMS_BAD_ARGUMENT;
     if (bad) *bad = -1;
@@ -1804,6 +1880,9 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
         goto done;
     }
     if (found_inf != 0.0f) { result = RMS_SKIPPED; goto done; } /* AMP overflow: write nothing */
+    if (call->bump_versions)
+        for (int64_t t = 0; t < n; t++)
+            if (fresh[t].valid) bump_record(lists, &fresh[t], t, grad_written);
 
     for (int64_t t = 0; t < n; t++) { /* step += 1, then 1 / (1 - alpha^step) */
         if (!fresh[t].valid) continue; /* kept from the kernel by the caller */

@@ -45,16 +45,29 @@ class EntryCache:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, int], PersistedEntry] = {}
+        self._used: set[tuple[int, int]] = set()  # keys found or stored since the last sweep
 
     def clear(self) -> None:
         self._entries.clear()
+        self._used.clear()
+
+    def sweep(self) -> None:
+        """Forget the entries no call has used since the last sweep. The optimizer sweeps after
+        each step: an entry holds its tensors, so one for parameters the user has dropped (a
+        param group given new tensors) would otherwise keep them, and their state, alive."""
+        if len(self._used) < len(self._entries):
+            self._entries = {key: e for key, e in self._entries.items() if key in self._used}
+        self._used.clear()
 
     def lookup(self, persisted: tuple[Sequence[Tensor], ...]):
         params = persisted[0]
         entry = self._entries.get((id(params[0]), len(params))) if params else None
         if entry is None or (entry.inference_mode and not torch.is_inference_mode_enabled()):
             return None
-        return entry if entry.matches(persisted) else None
+        if not entry.matches(persisted):
+            return None
+        self._used.add((id(params[0]), len(params)))
+        return entry
 
     def store(self, entry: PersistedEntry) -> None:
         params = entry.persisted[0]
@@ -63,6 +76,7 @@ class EntryCache:
         if len(self._entries) >= self._MAX_ENTRIES:
             self._entries.pop(next(iter(self._entries)))
         self._entries[key] = entry
+        self._used.add(key)
 
     def __len__(self) -> int:
         return len(self._entries)

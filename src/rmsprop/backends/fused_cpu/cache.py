@@ -31,7 +31,9 @@ __all__ = ["FusedCache", "Entry"]
 class Entry(PersistedEntry):
     """The persistent half of one call's lists, described for the kernel."""
 
-    def __init__(self, persisted: tuple[Sequence[Tensor], ...], has_complex: bool) -> None:
+    def __init__(
+        self, persisted: tuple[Sequence[Tensor], ...], has_complex: bool, kinds: int, required: bool
+    ) -> None:
         # params, square_avgs, grad_avgs, bufs, steps, and the int8 scales of the three buffers
         # (lists with None where a record's state is not int8)
         super().__init__(persisted)
@@ -43,8 +45,21 @@ class Entry(PersistedEntry):
         self.records = bytearray(native.memo_size(n))  # the kernel's memory of the last step
         self.excluded = bytearray(n)  # nonzero: the kernel does not take this record (its status)
         self.has_complex = has_complex
+        # the exclusions hold for the choice they were made under: what the kernel may take, and
+        # whether a record it declines is an error (fused=True) or goes to the torch path
+        self.kinds, self.required = kinds, required
         self.grad_caused = False  # an exclusion came from a gradient (it may differ next step)
         self.records_address = native.buffer_address(self.records)
+
+    def same_impls(self, persisted: tuple[Sequence[Tensor], ...]) -> bool:
+        """True when each tensor object still holds the TensorImpl its handle names.
+        torch.utils.swap_tensors (nn.Module's load_state_dict(assign=True), .to() with
+        swap_module_params_on_conversion) keeps the Python objects and swaps what is inside
+        them: the handle would then name another tensor, possibly a freed one."""
+        for k, (column, tensors) in enumerate(zip(self.columns, persisted, strict=True)):
+            if column is not None and column != (native.handles(tensors) if k < 5 else native.optional_handles(tensors)):
+                return False
+        return True
 
     def leftovers(self) -> list[int]:
         """Indices of the records the kernel does not take."""
@@ -66,3 +81,8 @@ class FusedCache(EntryCache):
         super().clear()
         for other in self.others.values():
             other.clear()  # type: ignore[attr-defined]
+
+    def sweep(self) -> None:
+        super().sweep()
+        for other in self.others.values():
+            other.sweep()  # type: ignore[attr-defined]

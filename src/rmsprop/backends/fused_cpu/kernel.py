@@ -5,14 +5,19 @@ current data pointer, size, dtype, device, layout and strides itself (see native
 — writing nothing — anything it cannot step exactly: another device, a dtype it does not take, a
 gradient or state tensor whose sizes, strides or dtype differ from the parameter's, a step
 counter that is not a one-element float32/float64 tensor, or memory shared between tensors the
-step writes (a gradient aliasing its parameter, two parameters viewing one buffer). Python adds
-what the shim cannot tell: tensor subclasses, conjugate/negative bits (both route the tensor to
-the torch path, which resolves them) and inference tensors (refused outside inference mode, as
-torch refuses in-place updates of them).
+step writes (a gradient aliasing its parameter, two parameters viewing one buffer), and — where
+torch's is_neg / is_conj are found (native.READS_BITS) — a conjugate or negative bit. Python
+adds what the kernel cannot tell: tensor subclasses, the bits where the kernel cannot read them
+(both route the tensor to the torch path, which resolves them), inference tensors without a
+version counter (refused outside inference mode, as torch refuses in-place updates of them), and
+whether each tensor object still holds the TensorImpl the cached handles name (swap_tensors).
 
 With ``fused=None`` whatever the kernel does not take goes to the torch path; with ``fused=True``
 it raises, naming the tensor and the reason. Either way, everything is validated before the first
-write, and the kernel bumps the version counter of each tensor it writes, as an in-place op does.
+write, and the version counter of each tensor the kernel writes is bumped, as an in-place op
+bumps it: by the kernel itself, between its validation and its first write, while it still has
+the TensorImpls in the cache (through torch's own autograd functions, see native.py), or in
+Python where those are missing.
 
 In eager mode the step calls the library directly: a custom-op dispatch over thousands of tensors
 would cost more than the kernel. Under ``torch.compile`` it calls the custom op
@@ -30,6 +35,7 @@ from torch import Tensor
 
 from ...options import OP_OPTIONS, OP_SCHEMA_ARGS, RULE_OPTIONS
 from ...rule import Rule
+from .. import inplace
 from . import native
 from .cache import Entry, FusedCache
 
@@ -68,7 +74,7 @@ _REASONS = {
     15: "is int8 state whose scales (<buffer>_scale) are missing, not a contiguous 1-D float32 tensor, or not "
         "one per block of 256 elements",
     16: "has a state format the fused kernel does not take for this parameter (it takes bf16 / int8 / float32 "
-        "state of float32, bfloat16 and float16 parameters, int8 only for contiguous ones)",
+        "state of float32, bfloat16 and float16 parameters, bf16 and int8 only for contiguous ones)",
 }
 _ST_SUBCLASS, _ST_BITS = 13, 14
 _REASON_MASK, _WHICH_SHIFT = 0x1F, 5
@@ -93,7 +99,7 @@ def _scalar(t: Tensor | None, as_flag: bool = False) -> tuple[Tensor | None, cty
     its own dtype (a float64 found_inf of 1e-50 is an inf found, as on torch's path)."""
     if t is None:
         return None, None
-    t = t.detach()
+    t = t.detach().resolve_neg()  # (the kernel reads raw memory, and refuses a lazily negated view)
     t = (t != 0) if as_flag else t
     t = t.to(device="cpu", dtype=torch.float32).reshape(()).contiguous()
     return t, native.handles([t])
@@ -112,6 +118,7 @@ class _Call:
             write_back=1,
             grad_scale=self.scale_handle.buffer_info()[0] if self.scale_handle is not None else None,
             found_inf=self.inf_handle.buffer_info()[0] if self.inf_handle is not None else None,
+            bump_versions=native.BUMPS_VERSIONS,
         )
 
     def invoke(self, columns, grad_column, n: int, mode: int, records: int, status: bytearray) -> int:
@@ -151,14 +158,16 @@ def _to_c(option, value):
 def _python_exclusions(
     lists: Lists6, status: bytearray, grads_only: bool = False, conj: bool = True, scales=()
 ) -> None:
-    """Mark (in ``status``) the records Python must keep from the kernel: subclasses and
-    tensors with a negative or (``conj``: only complex tensors can have it) conjugate bit. Runs
-    as map() over each list: no bytecode per tensor. ``scales``: the int8 scales lists (None
-    entries where a record has none), reported as their buffer's."""
+    """Mark (in ``status``) the records Python must keep from the kernel: subclasses and, where
+    the kernel cannot read them itself (native.READS_BITS), tensors with a negative or
+    (``conj``: only complex tensors can have it) conjugate bit. Runs as map() over each list: no
+    bytecode per tensor. ``scales``: the int8 scales lists (None entries where a record has
+    none), reported as their buffer's."""
+    bits = not native.READS_BITS
     if not grads_only:
         for which, tensors in zip((2, 3, 4), scales, strict=False):
             for i, t in enumerate(tensors):
-                if t is not None and not status[i] and (type(t) not in _PLAIN or t.is_neg()):
+                if t is not None and not status[i] and (type(t) not in _PLAIN or (bits and t.is_neg())):
                     status[i] = (_ST_SUBCLASS if type(t) not in _PLAIN else _ST_BITS) | (which << _WHICH_SHIFT)
     for which, tensors in enumerate(lists):
         if not tensors or (grads_only and which != 1):
@@ -167,10 +176,20 @@ def _python_exclusions(
             for i, t in enumerate(tensors):
                 if type(t) not in _PLAIN and not status[i]:
                     status[i] = _ST_SUBCLASS | (which << _WHICH_SHIFT)
+        if not bits:
+            continue
         if any(map(Tensor.is_neg, tensors)) or (conj and any(map(Tensor.is_conj, tensors))):
             for i, t in enumerate(tensors):
                 if (t.is_neg() or t.is_conj()) and not status[i]:
                     status[i] = _ST_BITS | (which << _WHICH_SHIFT)
+
+
+def _bits_set(persisted, has_complex: bool) -> bool:
+    for tensors in persisted:
+        if tensors and (any(t is not None and t.is_neg() for t in tensors)
+                        or (has_complex and any(t is not None and t.is_conj() for t in tensors))):  # fmt: skip
+            return True
+    return False
 
 
 _NEEDED = {"grads": lambda r: True, "square_avgs": lambda r: True, "steps": lambda r: True,
@@ -208,21 +227,14 @@ def _check_scale_types(scale_lists) -> None:
 
 def _check_inference(written: Sequence[Sequence[Tensor]]) -> None:
     """torch refuses in-place updates of inference tensors outside inference mode; so do we,
-    before anything is written."""
-    if torch.is_inference_mode_enabled():
-        return
-    for tensors in written:
-        if tensors and any(map(Tensor.is_inference, tensors)):
-            raise RuntimeError(
-                "Inplace update to inference tensor outside InferenceMode is not allowed: a parameter "
-                "or its optimizer state is an inference tensor (clone it to get a normal tensor); "
-                "nothing was updated"
-            )
+    before anything is written (see backends/inplace.py)."""
+    if inplace.without_version_counter(written):
+        raise RuntimeError(inplace.MESSAGE)
 
 
 def _bump_versions(lists: Lists6, indices: list[int] | None, grads_written: bool) -> None:
     """Every tensor the kernel wrote gets its version counter bumped, as an in-place op would,
-    so autograd notices a saved tensor that changed."""
+    so autograd notices a saved tensor that changed (where the kernel cannot bump them itself)."""
     for which, tensors in enumerate(lists):
         if not tensors or (which == 1 and not grads_written):
             continue
@@ -268,13 +280,17 @@ def prepare(
     call = _Call(lr, rule, kinds, grad_scale, found_inf)
     grads_written = grad_scale is not None
     entry = cache.lookup(persisted) if cache is not None else None
+    if entry is not None and ((entry.kinds, entry.required) != (kinds, required) or not entry.same_impls(persisted)):
+        entry = None
 
     grad_status = bytearray(n)
     _python_exclusions(lists, grad_status, grads_only=True, conj=entry is None or entry.has_complex)
     if entry is not None:
-        # `p.data = p.data.conj()` (or the private _neg_view) keeps the object and its address:
-        # the parameter's bits are the one thing the kernel's memory cannot see change
-        if any(map(Tensor.is_neg, params)) or (entry.has_complex and any(map(Tensor.is_conj, params))):
+        # `t.data = t.data.conj()` (or the private _neg_view) keeps the object and its address:
+        # the bits are the one thing the kernel's memory of the last step cannot see change.
+        # Where the kernel reads them it checks every tensor's on every step; else Python checks
+        # them here, on every persistent tensor (parameters, state, step counters, scales).
+        if not native.READS_BITS and _bits_set(persisted, entry.has_complex):
             entry = None
         elif grads_written:
             _check_inference([grads])  # unscaled in place
@@ -289,7 +305,7 @@ def prepare(
         _check_scale_types(scale_lists)
         _check_inference(written + [[t for t in lst if t is not None] for lst in scale_lists])
         has_complex = any(map(torch.is_complex, params))
-        fresh = Entry(persisted, has_complex)
+        fresh = Entry(persisted, has_complex, kinds, required)
         status = bytearray(n)
         _python_exclusions(lists, status, scales=scale_lists)
         rc = call.invoke(fresh.columns, grad_column, n, native.MODE_CHECK, fresh.records_address, status)
@@ -323,7 +339,7 @@ def prepare(
             raise RuntimeError(f"fused RMSprop: {explain(status[first], first, params)}; nothing was updated")
         if rc not in (native.OK, native.SKIPPED):
             raise RuntimeError(f"fused RMSprop kernel failed: {native.ERRORS.get(rc, rc)}")
-        if rc == native.OK and len(leftovers) < n:
+        if rc == native.OK and len(leftovers) < n and not call.struct.bump_versions:
             kernel_records = None if not leftovers else sorted(set(range(n)) - set(leftovers))
             _bump_versions(lists, kernel_records, grads_written)
             for lst in scale_lists:

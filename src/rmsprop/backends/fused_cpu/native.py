@@ -35,7 +35,7 @@ from ...options import RULE_OPTIONS
 
 __all__ = ["LIB", "load_error", "is_available", "Lists", "Call", "LIST_NAMES", "handles", "memo_size"]
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 # Element kinds of the C side, in its order, and the dtypes they are.
 KINDS = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
 LIST_NAMES = ("param", "grad", "square_avg", "grad_avg", "momentum_buffer", "step")
@@ -75,6 +75,7 @@ class Call(ctypes.Structure):
             ("write_back", ctypes.c_int32),
             ("grad_scale", ctypes.c_void_p),
             ("found_inf", ctypes.c_void_p),
+            ("bump_versions", ctypes.c_int32),
         ]
     )
 
@@ -102,6 +103,10 @@ class TorchApi(ctypes.Structure):
         ("dtype_uint8", ctypes.c_int32),
         ("device_cpu", ctypes.c_int32),
         ("layout_strided", ctypes.c_int32),
+        ("version_counter", _FN),
+        ("bump_version", _FN),
+        ("is_neg", _FN),
+        ("is_conj", _FN),
     ]
 
 
@@ -118,6 +123,17 @@ _SHIM_FUNCTIONS = {
     "storage_size": "aoti_torch_get_storage_size",
     "storage_offset": "aoti_torch_get_storage_offset",
 }
+# torch::autograd::impl::version_counter / bump_version (const at::Tensor&): the functions every
+# in-place op's version bump goes through, exported by libtorch_cpu under their mangled names.
+# They are not part of the stable shim: when a torch lacks them (or the probe below finds them
+# misbehaving), Python bumps the counters instead, as it did before they were used.
+_VERSION_FUNCTIONS = {
+    "version_counter": "_ZN5torch8autograd4impl15version_counterERKN2at6TensorE",
+    "bump_version": "_ZN5torch8autograd4impl12bump_versionERKN2at6TensorE",
+}
+# at::native::is_neg / is_conj (const at::Tensor&): the bits a lazily negated or conjugated view
+# carries, which the kernel then checks on every tensor it validates (else Python does).
+_BIT_FUNCTIONS = {"is_neg": "_ZN2at6native6is_negERKNS_6TensorE", "is_conj": "_ZN2at6native7is_conjERKNS_6TensorE"}
 _DTYPE_FUNCTIONS = (
     "aoti_torch_dtype_float32",
     "aoti_torch_dtype_float64",
@@ -200,7 +216,43 @@ def _torch_api() -> TorchApi:
         fn = getattr(libtorch, symbol)
         fn.restype = ctypes.c_int32
         setattr(api, field, fn())
+    for functions in (_VERSION_FUNCTIONS, _BIT_FUNCTIONS):
+        try:
+            addresses = {field: ctypes.cast(getattr(libtorch, symbol), ctypes.c_void_p).value
+                         for field, symbol in functions.items()}  # fmt: skip
+        except AttributeError:
+            addresses = dict.fromkeys(functions)
+        for field, address in addresses.items():
+            setattr(api, field, address)
     return api
+
+
+def _probe_bits(lib: ctypes.CDLL) -> bool:
+    """True when the kernel reads the negative and conjugate bits as torch does."""
+    x = torch.randn(3, dtype=torch.complex64)
+    cases = [(x, 0), (x.conj(), 2), (torch._neg_view(x), 1), (torch._neg_view(x.conj()), 3),
+             (x.conj().imag, 1), (torch.zeros(2), 0)]  # fmt: skip
+    keep = handles([t for t, _ in cases])
+    slot = ctypes.sizeof(ctypes.c_int64)
+    return all(
+        lib.rmsprop_tensor_bits(keep.buffer_info()[0] + i * slot) == bits and bits == t.is_neg() + 2 * t.is_conj()
+        for i, (t, bits) in enumerate(cases)
+    )
+
+
+def _probe_versions(lib: ctypes.CDLL) -> bool:
+    """True when the kernel's version bumps do exactly what an in-place op's do: +1 on a tensor,
+    on a view's base with it (one shared counter), nothing on an inference tensor or on any
+    other tensor."""
+    base = torch.zeros(4)
+    view, other = base[1:], torch.zeros(4)
+    with torch.inference_mode():
+        frozen = torch.zeros(4)
+    before = (base._version, other._version)
+    keep = handles([view, frozen])
+    if lib.rmsprop_bump_versions(keep.buffer_info()[0], 2) != 0:
+        return False
+    return (base._version, view._version, other._version) == (before[0] + 1, before[0] + 1, before[1])
 
 
 def _probe(lib: ctypes.CDLL) -> str | None:
@@ -256,6 +308,12 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
             return None, f"this torch lacks the stable C shim functions the kernel reads tensors with ({exc})"
         if lib.rmsprop_init(ctypes.byref(api)) != 0:
             return None, "the native library refused torch's shim functions"
+        lib.rmsprop_bumps_versions.restype = ctypes.c_int32
+        lib.rmsprop_bump_versions.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.rmsprop_bump_versions.restype = ctypes.c_int32
+        lib.rmsprop_reads_bits.restype = ctypes.c_int32
+        lib.rmsprop_tensor_bits.argtypes = [ctypes.c_void_p]
+        lib.rmsprop_tensor_bits.restype = ctypes.c_int32
         lib.rmsprop_step.argtypes = [
             ctypes.POINTER(Lists),
             ctypes.c_int64,
@@ -279,6 +337,14 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         problem = _probe(lib)
         if problem:
             return None, problem
+        # torch's own functions the probes reject are given up (Python does their work instead);
+        # the kernel stays usable
+        if lib.rmsprop_bumps_versions() and not _probe_versions(lib):
+            api.version_counter = api.bump_version = None
+        if lib.rmsprop_reads_bits() and not _probe_bits(lib):
+            api.is_neg = api.is_conj = None
+        if lib.rmsprop_init(ctypes.byref(api)) != 0:
+            return None, "the native library refused torch's shim functions"
     except AttributeError as exc:
         return None, f"the native library {path} lacks a function ({exc}); reinstall the package"
     gomp_parallel = _torch_openmp_entry()
@@ -308,6 +374,11 @@ def _torch_openmp_entry() -> int | None:
 
 
 LIB, _LOAD_ERROR = _load()
+# The kernel bumps the version counters of what it writes (else the caller does, in Python).
+BUMPS_VERSIONS = LIB is not None and bool(LIB.rmsprop_bumps_versions())
+# The kernel refuses (status 14) every tensor with a negative or conjugate bit (else the caller
+# marks them, in Python).
+READS_BITS = LIB is not None and bool(LIB.rmsprop_reads_bits())
 
 
 # The kernel's instruction-set levels for bfloat16 / float16 storage, by the C side's number.

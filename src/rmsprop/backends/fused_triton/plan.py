@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import inplace
 from ..entries import EntryCache, PersistedEntry
 
 __all__ = ["TritonCache", "Entry", "Launch", "build_entry", "DEVICE_TYPES", "KINDS"]
@@ -399,14 +400,8 @@ def build_entry(
     n = len(params)
     persisted = (params, square_avgs, grad_avgs, bufs, steps)
     entry = Entry(persisted)
-    if not torch.is_inference_mode_enabled():
-        for lst in (params, square_avgs, grad_avgs, bufs, steps) + ((grads,) if grads_written else ()):
-            if lst and any(map(Tensor.is_inference, lst)):
-                raise RuntimeError(
-                    "Inplace update to inference tensor outside InferenceMode is not allowed: a parameter "
-                    "or its optimizer state is an inference tensor (clone it to get a normal tensor); "
-                    "nothing was updated"
-                )
+    if inplace.without_version_counter((params, square_avgs, grad_avgs, bufs, steps) + ((grads,) if grads_written else ())):
+        raise RuntimeError(inplace.MESSAGE)
     refused: dict[int, tuple[int, str]] = {}
     modes: list[int | None] = [None] * n
     for i in range(n):
@@ -488,7 +483,7 @@ def follow_grads(lists: Lists6, entry: Entry, grads_written: bool, keep: list | 
         (offsets * entry.element_bytes + entry.grad_bytes > storage_bytes) | ((starts == 0) & nonempty)
     ).any():
         return False
-    if grads_written and not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, sub)):
+    if grads_written and inplace.without_version_counter((sub,)):
         return False
     if len(entry.written_starts):
         last = np.searchsorted(entry.written_starts, ends, side="left") - 1
