@@ -11,6 +11,7 @@ import copy
 import io
 import itertools
 import math
+import operator
 
 import pytest
 import torch
@@ -651,6 +652,43 @@ def test_load_state_dict_refuses_broken_int8_state():
             assert torch.equal(opt.state[p][k], v)  # nothing changed
 
 
+@pytest.mark.parametrize("layout", ["strided", "column-major"])
+def test_strided_int8_codes_and_scales_load_as_contiguous_copies(layout):
+    """torch's loader takes state of any strides and steps it; int8 steps read codes and scales as
+    flat row-major arrays, so load_state_dict copies strided ones into that layout (the values
+    unchanged): the run continues exactly as from the contiguous checkpoint. (Before, the load
+    took them and every later step refused them.)"""
+    p0 = _param((64, 96))
+    grads = _grads(p0.shape, 4)
+    kw = {"lr": LR, "momentum": 0.9, "centered": True, "state_dtype": "int8", "fused": False, "foreach": True}
+    _, opt = _run(p0, grads, steps=2, **kw)
+    good = opt.state_dict()
+    bad = copy.deepcopy(good)
+    for key, value in list(bad["state"][0].items()):
+        if key == "step":
+            continue
+        if layout == "strided":  # every other element of a buffer twice the size: stride 2
+            bad["state"][0][key] = torch.empty(2 * value.numel(), dtype=value.dtype)[::2].view_as(value)
+            bad["state"][0][key].copy_(value)
+        elif value.dim() == 2:  # the codes, column-major
+            bad["state"][0][key] = value.t().contiguous().t()
+    assert any(not v.is_contiguous() for k, v in bad["state"][0].items() if k != "step")
+    runs = []
+    for sd in (good, bad):
+        q = torch.nn.Parameter(opt.param_groups[0]["params"][0].detach().clone())
+        fresh = rmsprop.RMSprop([q], **kw)
+        fresh.load_state_dict(copy.deepcopy(sd))
+        assert all(v.is_contiguous() for v in fresh.state[q].values())
+        for g in grads[2:]:
+            q.grad = g.clone()
+            fresh.step()
+        runs.append((q, fresh.state[q]))
+    (qa, sa), (qb, sb) = runs
+    assert torch.equal(qa, qb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
 # ----------------------------------------------------------------------------- refusals
 def test_bad_options_are_refused_with_a_clear_error():
     p = [torch.nn.Parameter(torch.randn(10))]
@@ -673,6 +711,168 @@ def test_bad_options_are_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="real floating-point"):
         opt.add_param_group({"params": [z], "state_dtype": torch.bfloat16})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16, "int8"], ids=str)
+def test_param_groups_from_generators_and_named_parameters_keep_every_parameter(state_dtype):
+    """A group's params read once, as torch reads them (a generator such as model.parameters(),
+    named parameters, a single tensor), with a state_dtype too: checking them for state_dtype
+    once emptied a generator, so the group got no parameters. A set is refused as torch refuses
+    it; a complex parameter among named ones is refused too, and the optimizer keeps what it had."""
+    model = torch.nn.Sequential(torch.nn.Linear(80, 80), torch.nn.Linear(80, 1))
+    n = len(list(model.parameters()))
+    kw = {"state_dtype": state_dtype, "int8_min_numel": 0}
+    assert len(rmsprop.RMSprop([{"params": model.parameters()}], **kw).param_groups[0]["params"]) == n
+    opt = rmsprop.RMSprop(model[0].parameters(), **kw)
+    opt.add_param_group({"params": model[1].parameters(), **kw})
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    named = rmsprop.RMSprop(model.named_parameters(), **kw)
+    theirs = torch.optim.RMSprop(model.named_parameters())
+    assert named.param_groups[0]["param_names"] == theirs.param_groups[0]["param_names"]
+    assert all(map(operator.is_, named.param_groups[0]["params"], theirs.param_groups[0]["params"]))
+    single = rmsprop.RMSprop([{"params": model[1].bias}], **kw)
+    assert single.param_groups[0]["params"][0] is model[1].bias
+    with pytest.raises(TypeError, match="ordered collections"):
+        rmsprop.RMSprop([{"params": set(model.parameters())}], **kw)
+    # every parameter of the generator's group is stepped
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = rmsprop.RMSprop([{"params": model.parameters()}], lr=LR, **kw)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert len(opt.state) == n
+    if state_dtype is not None:
+        z = torch.nn.Parameter(torch.randn(10, dtype=torch.complex64))
+        with pytest.raises(ValueError, match="real floating-point"):
+            rmsprop.RMSprop([("z", z)], **kw)
+        named = rmsprop.RMSprop(model[0].named_parameters(), **kw)
+        with pytest.raises(ValueError, match="real floating-point"):
+            named.add_param_group({"params": iter([("z", z)]), **kw})
+        assert len(named.param_groups) == 1
+
+
+def _switched(fmt, to, centered, momentum, steps=6, switch=3, fail_at_switch=False):
+    """A run in ``fmt`` state whose group switches at ``switch`` to ``to`` (``centered``: before
+    and after); returns the parameter, the optimizer and the state after the switch."""
+    (centered_before, centered_after) = centered
+    p, other = _param((2 * 4096 + 300,)), torch.nn.Parameter(torch.zeros(3))
+    grads = _grads(p.shape, steps)
+    opt = rmsprop.RMSprop([p], lr=LR, centered=centered_before, momentum=momentum, state_dtype=FORMATS[fmt],
+                          fused=False, foreach=True)  # fmt: skip
+    opt.add_param_group({"params": [other], "state_dtype": None})  # (its own group: p's steps do not see it)
+    after = None
+    for t, g in enumerate(grads):
+        if t == switch:
+            opt.param_groups[0]["state_dtype"] = to
+            opt.param_groups[0]["centered"] = centered_after
+            if fail_at_switch:
+                before = {k: v.clone() for k, v in opt.state[p].items()}
+                p.grad, other.grad = g.clone(), torch.ones(3)
+                counter = opt.state[other]["step"]
+                opt.state[other]["step"] = counter.long()  # the other group's step is refused
+                with pytest.raises(RuntimeError, match="step counter"):
+                    opt.step()
+                opt.state[other]["step"] = counter
+                assert set(opt.state[p]) == set(before)
+                assert all(torch.equal(opt.state[p][k], v) for k, v in before.items())  # nothing changed
+        p.grad, other.grad = g.clone(), torch.ones(3)
+        opt.step()
+        if t == switch:
+            after = {k: v.clone() for k, v in opt.state[p].items()}
+    return p, opt, after
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("centered", [(True, True), (True, False), (False, False), (False, True)],
+                         ids=["centered", "centered-then-not", "plain", "plain-then-centered"])  # fmt: skip
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_switching_state_dtype_to_none_converts_the_state_as_float32_does(fmt, centered, momentum):
+    """state_dtype switched back to None mid-run: the low-bit state becomes torch's (E[g^2],
+    grad_avg, momentum_buffer in the parameter's dtype) by the conversion a switch to
+    torch.float32 makes, so the two runs (float32 parameters, the same foreach path after the
+    switch) are bit-identical, and a step refused at the switch changes nothing. Before, the
+    step refused the bf16 / int8 tensors, or (centered turned off with it) started E[g^2] again
+    from zero."""
+    ref, ref_opt, ref_after = _switched(fmt, torch.float32, centered, momentum)
+    p, opt, after = _switched(fmt, None, centered, momentum, fail_at_switch=True)
+    centered_after = centered[1]
+    keys = {"step", "square_avg"} | ({"grad_avg"} if centered_after else set()) | (
+        {"momentum_buffer"} if momentum else set())  # fmt: skip
+    assert set(after) == set(ref_after) == keys
+    assert all(v.dtype == torch.float32 for k, v in after.items() if k != "step")
+    for key in keys:
+        assert torch.equal(after[key], ref_after[key]), key
+    assert torch.equal(p, ref)
+    for key in keys:
+        assert torch.equal(opt.state[p][key], ref_opt.state[ref][key]), key
+
+
+def test_after_switching_to_none_the_steady_path_looks_at_no_tensor(monkeypatch):
+    """The conversion is a one-time pass: once a group's state is torch's, its steps take the
+    steady path again (no look at each parameter's state), and a deep copy made between the
+    switch and the next step converts too."""
+    p, opt, _ = _switched("int8", None, (True, True), 0.9, steps=5)
+    looked = []
+    original = rmsprop.RMSprop._gather_converted
+    monkeypatch.setattr(rmsprop.RMSprop, "_gather_converted",
+                        lambda self, *a: looked.append(1) or original(self, *a))  # fmt: skip
+    for g in _grads(p.shape, 3, seed=7):
+        p.grad = g.clone()
+        opt.step()
+    assert not looked
+    q = _param()
+    twin = rmsprop.RMSprop([q], lr=LR, momentum=0.9, state_dtype=torch.bfloat16)
+    q.grad = torch.randn_like(q)
+    twin.step()
+    twin.param_groups[0]["state_dtype"] = None
+    twin = copy.deepcopy(twin)
+    q = twin.param_groups[0]["params"][0]
+    q.grad = torch.randn_like(q)
+    twin.step()
+    assert looked == [1]
+    assert all(v.dtype == torch.float32 for v in twin.state[q].values())
+
+
+def test_a_centered_variance_is_converted_even_where_the_group_was_not_noted():
+    """A group whose params list was replaced (the step notes a group's format by that list)
+    and then switched to None: its centered bf16 state lacks square_avg, and the step that
+    completes it converts grad_var instead of starting E[g^2] at zero. (Non-centered bf16 state
+    there is refused by the step's dtype check, never used as it is.)"""
+    ref, ref_opt, _ = _switched("bf16", None, (True, True), 0.0, steps=4)
+    p, other = _param((2 * 4096 + 300,)), torch.nn.Parameter(torch.zeros(3))
+    opt = rmsprop.RMSprop([p], lr=LR, centered=True, state_dtype=torch.bfloat16, fused=False, foreach=True)
+    opt.add_param_group({"params": [other], "state_dtype": None})
+    for t, g in enumerate(_grads(p.shape, 4)):
+        if t == 3:
+            opt.param_groups[0]["params"] = list(opt.param_groups[0]["params"])
+            opt.param_groups[0]["state_dtype"] = None
+        p.grad, other.grad = g.clone(), torch.ones(3)
+        opt.step()
+    assert torch.equal(p, ref)
+    assert torch.equal(opt.state[p]["square_avg"], ref_opt.state[ref]["square_avg"])
+
+
+def test_switching_to_none_under_torch_compile_converts_as_eager_does():
+    """Under torch.compile a group without state_dtype gathers through _init_group, which
+    dynamo runs eagerly: it converts state a state_dtype left as the eager step does. (fused=True:
+    the kernel runs inside the opaque op, the same bits; inductor would reorder torch's ops.)"""
+    p = torch.nn.Parameter(torch.randn(5000))
+    q = torch.nn.Parameter(p.detach().clone())
+    kw = {"lr": LR, "momentum": 0.9, "centered": True, "state_dtype": torch.bfloat16, "fused": True}
+    runs = [rmsprop.RMSprop([p], **kw), rmsprop.RMSprop([q], **kw)]
+    grads = _grads((5000,), 3)
+    for opt, param in zip(runs, (p, q), strict=True):
+        param.grad = grads[0].clone()
+        opt.step()
+        opt.param_groups[0]["state_dtype"] = None
+    compiled = torch.compile(runs[0].step)
+    for g in grads[1:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        compiled()
+        runs[1].step()
+    assert runs[0].state[p]["square_avg"].dtype == torch.float32 and "grad_var" not in runs[0].state[p]
+    assert torch.equal(p, q)
 
 
 def test_the_functional_api_refuses_codes_without_scales():

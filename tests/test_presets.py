@@ -238,6 +238,64 @@ def test_timm_defaults_match():
     np.testing.assert_allclose(ours("timm", start, grads), timm_rmsprop(start, grads), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_timm_state_dict_loads_and_training_continues_like_timm(decoupled, centered):
+    """RMSpropTF's state dict through PRESETS["timm"].complete_state_dict: its own names
+    (decoupled_decay) are translated, so the run continues as timm's to the tolerance of the
+    parity test above, lr schedule included. The optimizer it loads into is built with the
+    preset's defaults only: every value comes from the checkpoint. Before, decoupled_decay was
+    dropped and the run continued with coupled (L2) decay."""
+    start, grads = _start(), _grads()
+    lrs = [0.01 * 0.8**t for t in range(len(grads))]
+    kw = dict(momentum=0.9, centered=centered, weight_decay=0.05)
+    cls = __import__("peers").load_timm_rmsprop_tf()
+    p_timm = torch.tensor(start, requires_grad=True)
+    opt_timm = cls([p_timm], lr=lrs[0], decoupled_decay=decoupled, **kw)
+    for t, g in enumerate(grads[:6]):
+        opt_timm.param_groups[0]["lr"] = lrs[t]
+        p_timm.grad = torch.tensor(g)
+        opt_timm.step()
+    saved = copy.deepcopy(opt_timm.state_dict())
+    saved_group = dict(saved["param_groups"][0])
+    completed = PRESETS["timm"].complete_state_dict(saved)
+    assert saved["param_groups"][0] == saved_group  # the input is not modified
+    assert "decoupled_decay" not in completed["param_groups"][0]
+    p_ours = p_timm.detach().clone().requires_grad_()
+    opt_ours = from_preset("timm", [p_ours])
+    opt_ours.load_state_dict(completed)
+    group = opt_ours.param_groups[0]
+    assert group["decoupled_weight_decay"] is decoupled and group["weight_decay"] == 0.05
+    assert group["momentum"] == 0.9 and group["centered"] is centered
+    for t, g in enumerate(grads[6:], start=6):
+        for opt, p in ((opt_timm, p_timm), (opt_ours, p_ours)):
+            opt.param_groups[0]["lr"] = lrs[t]
+            p.grad = torch.tensor(g)
+            opt.step()
+    np.testing.assert_allclose(p_ours.detach().numpy(), p_timm.detach().numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_timm_state_dicts_with_unsupported_options_are_refused():
+    """caution and corrected_weight_decay are timm options this library does not have: a
+    checkpoint that turns one on is refused, naming it (continuing it here would be another
+    algorithm); turned off (timm's default), it loads. Two values for one option are refused."""
+    cls = __import__("peers").load_timm_rmsprop_tf()
+    p = torch.tensor(_start(), requires_grad=True)
+    opt = cls([p], lr=0.01, momentum=0.9, weight_decay=0.05, decoupled_decay=True)
+    p.grad = torch.tensor(_grads()[0])
+    opt.step()
+    good = opt.state_dict()
+    assert good["param_groups"][0]["caution"] is False
+    assert good["param_groups"][0]["corrected_weight_decay"] is False
+    PRESETS["timm"].complete_state_dict(good)
+    turned_on = {"caution": True, "corrected_weight_decay": True, "decoupled_weight_decay": False}
+    for key, value in turned_on.items():
+        bad = copy.deepcopy(good)
+        bad["param_groups"][0][key] = value
+        with pytest.raises(ValueError, match=key):
+            PRESETS["timm"].complete_state_dict(bad)
+
+
 def test_seed_preset_is_the_seed_formula():
     start, grads = _start(), _grads()
     theta, v = start.copy(), np.zeros_like(start)

@@ -177,3 +177,36 @@ def test_deepcopy_and_pickle_keep_state_and_options():
         states = list(clone.state.values())
         assert len(states) == len(ps)
         assert torch.equal(states[0]["momentum_buffer"], opt.state[ps[0]]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16, "int8"], ids=str)
+def test_plain_number_step_counters_load_as_torch_converts_them(state_dtype):
+    """Old torch checkpoints keep each step counter as a Python number; torch's loader turns it
+    into a float tensor (torch.tensor(float(step), dtype=_get_scalar_dtype()), on the CPU). Here
+    too, whatever the state format: a bf16 / int8 optimizer loaded such a checkpoint, kept the
+    number, and then refused every step ("its step is a int"). The run continues bit for bit as
+    from the same checkpoint with tensor counters."""
+    ps = make_params(shapes=((80, 64), (5,)))
+    grads = make_grads(ps, steps=4)
+    source = torch.optim.RMSprop([p.detach().clone().requires_grad_() for p in ps], momentum=0.9)
+    _drive(source, source.param_groups[0]["params"], grads[:2])
+    with_tensors = source.state_dict()
+    with_numbers = copy.deepcopy(with_tensors)
+    for entry, number in zip(with_numbers["state"].values(), (2, 2.0), strict=True):
+        entry["step"] = number  # an int and a float, as old checkpoints have them
+    runs = []
+    for sd in (with_tensors, with_numbers):
+        qs = [p.detach().clone().requires_grad_() for p in source.param_groups[0]["params"]]
+        opt = rmsprop.RMSprop(qs, momentum=0.9, state_dtype=state_dtype, int8_min_numel=1000, fused=False)
+        opt.load_state_dict(copy.deepcopy(sd))
+        for q in qs:
+            step = opt.state[q]["step"]
+            assert isinstance(step, torch.Tensor) and step.dtype == torch.float32
+            assert step.device.type == "cpu" and step.item() == 2.0
+        _drive(opt, qs, grads[2:])
+        runs.append((qs, opt))
+    (qa, oa), (qb, ob) = runs
+    assert all(torch.equal(a, b) for a, b in zip(qa, qb, strict=True))
+    for a, b in zip(qa, qb, strict=True):
+        assert set(oa.state[a]) == set(ob.state[b])
+        assert all(torch.equal(oa.state[a][k], ob.state[b][k]) for k in oa.state[a])

@@ -82,6 +82,73 @@ def test_parameters_without_grad_are_skipped_like_torch():
     assert_states_equal(our_opt, their_opt, ours, theirs)
 
 
+DUPLICATE_CASES = {"plain": {}, "momentum+centered+wd": {"momentum": 0.9, "centered": True, "weight_decay": 0.1}}
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+@pytest.mark.parametrize("path", ["per-tensor", "foreach", "default"])
+@pytest.mark.parametrize("case", list(DUPLICATE_CASES))
+def test_a_parameter_listed_twice_is_stepped_twice_with_one_state_like_torch(case, path):
+    """torch warns about a parameter listed twice in a group and steps it twice, with one state:
+    its step counter counts both. On torch's paths the values are torch's, bit for bit; the
+    default path (the fused kernel cannot write one tensor from two records: it hands both to
+    the foreach path, as it does any aliasing tensors) is torch's foreach path, bit for bit —
+    torch's own default on the CPU, its per-tensor loop, updates each copy in turn instead, a
+    different result that torch's two paths already disagree on. Before, the first step gave
+    each listing a fresh state of its own, so the parameter was stepped twice from zero state."""
+    kw = DUPLICATE_CASES[case]
+    ours_kw = {"per-tensor": {"fused": False, "foreach": False}, "foreach": {"fused": False, "foreach": True},
+               "default": {}}[path]  # fmt: skip
+    theirs_kw = {"foreach": path != "per-tensor"}
+    params = make_params(torch.float32)
+    grads = make_grads(params, steps=4)
+
+    def listed_twice(ps):
+        return [p for p in ps for _ in range(2)]
+
+    def drive(make):
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        opt = make(listed_twice(ps))
+        for step in grads:
+            for p, g in zip(ps, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        return ps, opt
+
+    ours, our_opt = drive(lambda ps: rmsprop.RMSprop(ps, **ours_kw, **kw))
+    theirs, their_opt = drive(lambda ps: torch.optim.RMSprop(ps, **theirs_kw, **kw))
+    assert len(our_opt.state) == len(params)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+        assert our_opt.state[a]["step"].item() == their_opt.state[b]["step"].item() == 2 * len(grads)
+    assert_states_equal(our_opt, their_opt, ours, theirs)
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=str)
+@pytest.mark.parametrize("path", [{"fused": False, "foreach": False}, {"fused": False, "foreach": True}, {}],
+                         ids=["per-tensor", "foreach", "default"])  # fmt: skip
+def test_a_parameter_listed_twice_gets_one_low_bit_state(state_dtype, path):
+    """The same with a state_dtype (no torch counterpart): one state, stepped by both listings."""
+    p = torch.randn(5000).requires_grad_()
+    opt = rmsprop.RMSprop([p, p], momentum=0.9, centered=True, state_dtype=state_dtype, **path)
+    for _ in range(2):
+        p.grad = torch.randn(5000)
+        opt.step()
+    assert len(opt.state) == 1 and opt.state[p]["step"].item() == 4.0
+
+
+def test_fused_true_refuses_a_parameter_listed_twice():
+    p = torch.randn(10).requires_grad_()
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = rmsprop.RMSprop([p, p], fused=True)
+    p.grad = torch.ones(10)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="shares memory with another tensor"):
+        opt.step()
+    assert torch.equal(p, before) and not opt.state
+
+
 @pytest.mark.parametrize("fused", [False, None])
 def test_state_created_out_of_parameter_order_is_still_each_parameters_own(fused):
     """The step reads the state in insertion order when its keys are the groups' parameters in

@@ -119,6 +119,13 @@ def check_param_state(entry: Any, param: Tensor, group: dict[str, Any], where: s
         if key in entry:
             _check_buffer(entry[key], key, param, where, entry.get(key + "_scale"))
     checked = {**entry, "step": _checked_step(entry["step"], where)}
+    # int8 blocks follow the row-major order, and a step reads codes and scales as flat arrays:
+    # it refuses strided ones. torch's loader takes state of any strides and its steps work, so
+    # such codes (a view, a tensor transposed and back) are copied into that layout instead.
+    for key in (second, "momentum_buffer", "grad_avg"):
+        if key in checked and checked[key].dtype == torch.uint8:
+            checked[key] = checked[key].contiguous()  # (a DTensor: its local shard too)
+            checked[key + "_scale"] = checked[key + "_scale"].contiguous()
     if group["state_dtype"] is None and lowbit.entry_format(checked) == "float":
         return checked  # torch's own format: torch's loader casts it, as before
     fmt, dtype = lowbit.target(group["state_dtype"], group["int8_min_numel"], param)
@@ -204,9 +211,9 @@ def _check_codes(codes: Tensor, key: str, param: Tensor, where: str, scales: Any
         )
 
 
-def _checked_step(step: Any, where: str) -> Any:
+def _checked_step(step: Any, where: str) -> Tensor:
     """A step counter as torch keeps it: a one-element float tensor (float32/64 as saved; other
-    dtypes converted to the default scalar dtype) or a plain number (old checkpoints)."""
+    dtypes, and the plain numbers of old checkpoints, converted to the default scalar dtype)."""
     if isinstance(step, Tensor):
         if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
             raise ValueError(
@@ -219,6 +226,11 @@ def _checked_step(step: Any, where: str) -> Any:
         raise ValueError(f"{where}: state['step'] must be a number or a tensor, got {step!r}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{where}: state['step'] must be a finite count >= 0, got {value}")
-    if isinstance(step, Tensor) and step.dtype not in (torch.float32, torch.float64):
+    if not isinstance(step, Tensor):
+        # as torch's RMSprop.__setstate__ converts it, on the CPU (_on_device / torch's loader
+        # then move it as they move a saved tensor): here, because low-bit entries are installed
+        # after torch's loader and its __setstate__ have run
+        return torch.tensor(value, dtype=_get_scalar_dtype())
+    if step.dtype not in (torch.float32, torch.float64):
         return step.detach().to(_get_scalar_dtype())
     return step

@@ -68,6 +68,7 @@ class _StateOrder:
 
 
 D = DEFAULTS
+_Format = tuple[list[str], torch.dtype]  # a state format: its buffer keys and their storage dtype
 
 
 def _has_format(state, keys: list[str], dtype: torch.dtype) -> bool:
@@ -80,6 +81,17 @@ def _has_format(state, keys: list[str], dtype: torch.dtype) -> bool:
         if dtype == torch.uint8 and key + "_scale" not in state:
             return False
     return True
+
+
+def _in_torch_format(state, p: Tensor) -> bool:
+    """Whether the buffers ``state`` holds are torch's (E[g^2], grad_avg, momentum_buffer in the
+    parameter's dtype; no centered variance, no int8 scales), as a group without state_dtype
+    steps them."""
+    for key in ("square_avg", "grad_avg", "momentum_buffer"):
+        t = state.get(key)
+        if t is not None and (not isinstance(t, Tensor) or t.dtype != p.dtype):
+            return False
+    return "grad_var" not in state
 
 
 class RMSprop(Optimizer):
@@ -190,6 +202,13 @@ class RMSprop(Optimizer):
         defaults = validate_group({o.name: arguments[o.name] for o in OPTIONS})
         super().__init__(params, defaults)
         self._fused_cache = functional.FusedCache()
+        # The groups whose state may be in another format than torch's (a state_dtype made or
+        # loaded it), by the id of their params list: the checked copy of a group that a step
+        # works on shares that list, and so does the group load_state_dict puts in its place. A
+        # group without state_dtype that is not here takes the steady path, which reads the
+        # state as torch's without looking at each tensor. (An id only, not the list: a removed
+        # group's parameters are not kept alive; a reused id costs one look at each tensor.)
+        self._lowbit_groups: set[int] = set()
 
     @property
     def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
@@ -205,12 +224,19 @@ class RMSprop(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         checked = validate_group({**self.defaults, **param_group})
-        if checked["state_dtype"] is not None:
-            params = param_group.get("params")
-            for p in [params] if isinstance(params, Tensor) else list(params or ()):
+        param_group = {**param_group, **{k: checked[k] for k in param_group if k in checked}}
+        params = param_group.get("params")
+        # read once, here, as torch's own add_param_group would: a generator (model.parameters())
+        # checked below would reach torch empty. A tensor and a set are left to torch (it wraps
+        # the one and refuses the other).
+        if params is not None and not isinstance(params, (Tensor, set)):
+            param_group["params"] = params = list(params)
+        if checked["state_dtype"] is not None and not isinstance(params, set):
+            for p in [params] if isinstance(params, Tensor) else params or ():
+                p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # named: (name, tensor)
                 if isinstance(p, Tensor):
                     lowbit.target(checked["state_dtype"], checked["int8_min_numel"], p)  # complex: refused
-        super().add_param_group({**param_group, **{k: checked[k] for k in param_group if k in checked}})
+        super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -226,6 +252,13 @@ class RMSprop(Optimizer):
                         if group["capturable"]
                         else torch.tensor(step_val, dtype=_get_scalar_dtype())
                     )
+        # (state_dtype may have been switched to None after the state was made in another format)
+        self._lowbit_groups = set()
+        for group in self.param_groups:
+            if group["state_dtype"] is not None or not all(
+                _in_torch_format(self.state.get(p, _NO_STATE), p) for p in group["params"]
+            ):
+                self._mark_lowbit(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, after checking everything (see :mod:`rmsprop.checkpoint`): each group's
@@ -239,6 +272,11 @@ class RMSprop(Optimizer):
         # float32 state of a bf16 parameter) was checked and converted above; it goes in as is
         for param, entry in held_back.items():
             self.state[param] = entry
+        # the loaded state of a group without state_dtype was converted to torch's format above
+        self._lowbit_groups = set()
+        for group in self.param_groups:
+            if group["state_dtype"] is not None:
+                self._mark_lowbit(group)
         self._fused_cache.clear()
 
     def share_memory(self) -> RMSprop:
@@ -261,8 +299,11 @@ class RMSprop(Optimizer):
         own, and the statistics would not be shared.)
         """
         for group in self.param_groups:
+            if group["state_dtype"] is not None:
+                self._mark_lowbit(group)
             for p in group["params"]:
-                state = self._new_state(group, p, self.state.get(p, _NO_STATE))
+                old = self.state.get(p, _NO_STATE)
+                state = self._formatted(group, p, old) or dict(old)
                 for value in state.values():
                     if isinstance(value, Tensor):
                         value.share_memory_()
@@ -295,6 +336,28 @@ class RMSprop(Optimizer):
             state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def _mark_lowbit(self, group: dict[str, Any]) -> None:
+        """Note that the group's state may be in another format than torch's (see __init__)."""
+        self._lowbit_groups.add(id(group["params"]))
+
+    def _formatted(self, group: dict[str, Any], p: Tensor, state: Any, target: _Format | None = None) -> dict | None:
+        """``state`` in the format the group gives ``p`` (see :mod:`rmsprop.lowbit`; torch's
+        without a ``state_dtype``) and completed as :meth:`_new_state` completes it, as a new
+        entry; None when it is both already. State in another format (``state_dtype``,
+        ``int8_min_numel`` or ``centered`` changed since it was made) is converted, as
+        ``load_state_dict`` converts a checkpoint's. ``target``: the format's buffer keys and
+        storage dtype, where the caller has them."""
+        if target is None:
+            fmt, dtype = lowbit.target(group["state_dtype"], group["int8_min_numel"], p)
+            keys = lowbit.buffer_keys(fmt, group["centered"], group["momentum"] > 0)
+        else:
+            keys, dtype = target
+        if "step" in state and _has_format(state, keys, dtype):
+            return None
+        if lowbit.entry_format(state) is not None and not _has_format(state, keys[:1], dtype):
+            state = lowbit.from_float(lowbit.to_float(state, p, group), p, group, state)
+        return self._new_state(group, p, state)
+
     def _gather(
         self, group: dict[str, Any], created: dict[Tensor, dict[str, Any]], order: _StateOrder
     ) -> tuple[list[Tensor], ...]:
@@ -311,7 +374,17 @@ class RMSprop(Optimizer):
             lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
             self._init_group(group, *lists)
             return lists
-        columns = self._gather_eager(group, wanted, created, order)
+        # state_dtype switched to None: the state another format made is converted once, then
+        # the group takes the steady path again (its only cost there is this one lookup)
+        params = group["params"]
+        converting = id(params) in self._lowbit_groups
+        if converting and all(_in_torch_format(self.state.get(p, _NO_STATE), p) for p in params):
+            self._lowbit_groups.discard(id(params))
+            converting = False
+        if converting:
+            columns = self._gather_converted(group, wanted, created)
+        else:
+            columns = self._gather_eager(group, wanted, created, order)
         return (
             columns["params"],
             columns["grads"],
@@ -338,10 +411,36 @@ class RMSprop(Optimizer):
             columns = {key: list(map(_STATE_GETTERS[key], states)) for key in wanted}
             for i, p in enumerate(params):
                 if any(columns[key][i] is None for key in wanted):
-                    created[p] = new = self._new_state(group, p, states[i])
+                    # a parameter listed twice gets one state, stepped twice (as torch does)
+                    new = created.get(p)
+                    if new is None:
+                        # (_formatted: a centered variance left by a low-bit format is E[g^2] again,
+                        # not a missing square_avg to start at zero)
+                        created[p] = new = self._formatted(group, p, states[i]) or dict(states[i])
                     for key in wanted:
                         columns[key][i] = new[key]
         return {"params": params, "grads": grads, **columns}
+
+    def _gather_converted(self, group, wanted, created) -> dict[str, list]:
+        """As :meth:`_gather_eager`, for a group without state_dtype whose state may be in
+        another format: each parameter's is converted to torch's (into ``created``) where it is
+        not — a parameter without a gradient's too, so that the group is in torch's format
+        after this step and the next one takes the steady path."""
+        params = []
+        columns: dict[str, list] = {key: [] for key in wanted}
+        for p in group["params"]:
+            state = created[p] if created and p in created else self.state.get(p, _NO_STATE)
+            if p.grad is None:
+                if state and not _in_torch_format(state, p):
+                    created[p] = self._formatted(group, p, state) or dict(state)
+                continue
+            new = self._formatted(group, p, state)
+            if new is not None:
+                state = created[p] = new
+            params.append(p)
+            for key in wanted:
+                columns[key].append(state[key])
+        return {"params": params, "grads": list(map(_GRAD, params)), **columns}
 
     def _gather_lowbit(self, group, created) -> tuple[list, ...]:
         """The lists of a group with a ``state_dtype``, and a seventh item: the int8 scales of
@@ -355,18 +454,21 @@ class RMSprop(Optimizer):
         scales: tuple[list, list, list] = ([], [], [])
         slots = [0] + ([1] if centered else []) + ([2] if momentum else [])
         compiling = torch.compiler.is_compiling()
+        if not compiling:
+            self._mark_lowbit(group)
         for p in group["params"]:
             if p.grad is None:
                 continue
             params.append(p)
             grads.append(p.grad)
-            state = self.state.get(p, _NO_STATE)
+            # (a parameter listed twice: its second entry steps the state its first one made;
+            # `created` is empty in the steady state, and `in` would hash every parameter)
+            state = created[p] if created and p in created else self.state.get(p, _NO_STATE)
             fmt, dtype = lowbit.target(group["state_dtype"], group["int8_min_numel"], p)
             keys = lowbit.buffer_keys(fmt, centered, momentum)
-            if "step" not in state or not _has_format(state, keys, dtype):
-                if lowbit.entry_format(state) is not None and not _has_format(state, keys[:1], dtype):
-                    state = lowbit.from_float(lowbit.to_float(state, p, group), p, group, state)
-                state = self._new_state(group, p, state)
+            new = self._formatted(group, p, state, (keys, dtype))
+            if new is not None:
+                state = new
                 if compiling:
                     self.state[p] = state
                 else:
@@ -398,8 +500,9 @@ class RMSprop(Optimizer):
             params.append(p)
             grads.append(p.grad)
             state = self.state.get(p, _NO_STATE)
-            if any(key not in state for key in wanted):
-                state = self.state[p] = self._new_state(group, p, state)
+            new = self._formatted(group, p, state)  # (state_dtype switched to None: converted)
+            if new is not None:
+                state = self.state[p] = new
             for key in wanted:
                 columns[key].append(state[key])
         return has_complex

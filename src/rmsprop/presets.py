@@ -26,24 +26,59 @@ class Preset:
     name: str
     peer: str
     options: Mapping[str, Any]
-    # How the peer's own argument names map onto ours, for the docs and the parity tests.
+    # How the peer's own argument names map onto ours: for the docs, the parity tests, and the
+    # peer's checkpoints (complete_state_dict).
     peer_names: Mapping[str, str] = field(default_factory=dict)
     deviations: tuple[str, ...] = ()
+    # The peer's options this library does not have, each with the value that turns it off.
+    unsupported: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
         object.__setattr__(self, "peer_names", MappingProxyType(dict(self.peer_names)))
+        object.__setattr__(self, "unsupported", MappingProxyType(dict(self.unsupported)))
 
     def complete_state_dict(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-        """A copy of the peer's optimizer state dict whose param groups get this preset's options
-        where they lack the key, for :meth:`RMSprop.load_state_dict`.
+        """A copy of the peer's optimizer state dict whose param groups speak this library's
+        names and get this preset's options where they lack the key, for
+        :meth:`RMSprop.load_state_dict`.
 
-        A peer's checkpoint (SB3's RMSpropTFLike, timm's RMSpropTF) has torch's keys only, and
-        ``load_state_dict`` completes a group without ``eps_in_sqrt`` or ``initial_square_avg``
-        with torch's values — right for a torch checkpoint, the wrong algorithm for the peer's.
-        Values the checkpoint has (its lr, alpha, eps, ...) are kept."""
-        groups = [{**self.options, **group} for group in state_dict["param_groups"]]
+        A peer's checkpoint (SB3's RMSpropTFLike, timm's RMSpropTF) has torch's keys and the
+        peer's own, and ``load_state_dict`` completes a group without ``eps_in_sqrt`` or
+        ``initial_square_avg`` with torch's values — right for a torch checkpoint, the wrong
+        algorithm for the peer's. Values the checkpoint has (its lr, alpha, eps, ...) are kept;
+        the peer's names for them are translated through :attr:`peer_names` (timm's
+        ``decoupled_decay`` is ``decoupled_weight_decay``). A group that turns on one of the
+        peer's :attr:`unsupported` options (timm's ``caution``) raises ValueError: continuing
+        it here would be another algorithm. Nothing is modified in ``state_dict``."""
+        groups = []
+        for i, group in enumerate(state_dict["param_groups"]):
+            for key, off in self.unsupported.items():
+                if key in group and _differs(group[key], off):
+                    raise ValueError(
+                        f"param group {i} of the {self.peer} checkpoint has {key}={group[key]!r}, which this "
+                        f"library does not support (the {self.name!r} preset continues it only with {key}={off!r})"
+                    )
+            ours: dict[str, Any] = {}
+            for key, value in group.items():
+                name = self.peer_names.get(key, key)
+                if name != key and name in group and _differs(group[name], value):
+                    raise ValueError(
+                        f"param group {i} of the {self.peer} checkpoint has {key}={value!r} and {name}={group[name]!r}: "
+                        f"two values for one option ({key} is the peer's name for {name})"
+                    )
+                ours[name] = value
+            groups.append({**self.options, **ours})
         return {**state_dict, "param_groups": groups}
+
+
+def _differs(value: Any, off: Any) -> bool:
+    """Whether ``value`` differs from ``off`` (anything that cannot be compared, a tensor of several
+    elements, counts as different)."""
+    try:
+        return bool(value != off)
+    except (TypeError, ValueError, RuntimeError):
+        return True
 
 
 _TF_EMA_ROUNDING = (
@@ -159,9 +194,11 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                     "lr_in_momentum": True,
                 },
                 peer_names={"decoupled_decay": "decoupled_weight_decay", "lr_in_momentum": "lr_in_momentum"},
+                unsupported={"caution": False, "corrected_weight_decay": False},
                 deviations=(
                     _TF_EMA_ROUNDING.format(peer="timm"),
-                    "timm's caution=True and corrected_weight_decay=True are not supported.",
+                    "timm's caution=True and corrected_weight_decay=True are not supported (a timm "
+                    "checkpoint with either is refused by complete_state_dict).",
                     "timm has no Nesterov option; nesterov=True is this library's extension.",
                     _CLAMP.format(peer="timm"),
                 ),
