@@ -733,6 +733,41 @@ want = run(lambda ps: torch.optim.RMSprop(ps, foreach=False))
 for kw in ({"fused": False, "foreach": False}, {"fused": False, "foreach": True}, {}, {"fused": True}):
     assert torch.allclose(run(lambda ps: rmsprop.RMSprop(ps, **kw)), want, rtol=1e-6, atol=0), kw
 """,
+    # S8. The other way round: a tensor made in inference mode keeps no version counter when its
+    # .data is set to a normal tensor, though is_inference() turns false. torch refuses to update
+    # it in place; the fused kernel once stepped it (skipping the missing counter) and the torch
+    # op paths raised part-way through, with the parameter already written.
+    "review3-1-made-in-inference-then-data-replaced": """
+def counterless(n, fill=None):
+    with torch.inference_mode():
+        t = torch.randn(n) if fill is None else torch.full((n,), fill)
+    t.data = torch.randn(n) if fill is None else torch.full((n,), fill)
+    assert not t.is_inference()
+    refused(lambda: t._version, RuntimeError, "version counter")
+    return t
+q = counterless(10)
+q.grad = torch.randn(10)
+refused(torch.optim.RMSprop([q]).step, RuntimeError, "inference tensor")
+for kw in ({}, {"fused": True}, {"fused": False, "foreach": True}, {"fused": False, "foreach": False},
+           {"momentum": 0.9, "centered": True}, {"state_dtype": torch.bfloat16}, {"state_dtype": "int8", "int8_min_numel": 1},
+           {"fused": False, "state_dtype": torch.bfloat16}, {"fused": False, "state_dtype": "int8", "int8_min_numel": 1}):
+    before = q.detach().clone()
+    opt = rmsprop.RMSprop([q], **kw)
+    refused(opt.step, RuntimeError, "inference tensor")
+    assert torch.equal(q.detach(), before) and len(opt.state) == 0, kw
+    # a state tensor of that kind, put in after steps that built the fast path's entry
+    p, opt = trained(steps=2, **kw)
+    key = "square_avg"
+    if opt.state[p][key].dtype == torch.float32:
+        opt.state[p][key] = counterless(1000, 1.0)
+    elif opt.state[p][key].dtype == torch.bfloat16:
+        continue  # (bf16 codes: a float32 tensor would be a format change, converted, not stepped)
+    else:
+        opt.state[p][key + "_scale"] = counterless(opt.state[p][key + "_scale"].numel(), 1.0)
+    snap = snapshot(opt, [p])
+    refused(opt.step, RuntimeError, "inference tensor")
+    unchanged(opt, [p], snap)
+""",
     # S7. Cached entries held parameters the user had dropped (and their state) until 64 others
     # pushed them out; torch's optimizer lets them go.
     "review2-7-dropped-parameters-are-freed": """

@@ -88,6 +88,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .backends.inplace import lacks_version_counter
+
 __all__ = [
     "BLOCK",
     "TINY",
@@ -367,7 +369,7 @@ def check_record(param: Tensor, buffers: list[tuple[Any, Any, str]], rule: Any) 
             raise ValueError(
                 f"its {name} has shape {tuple(t.shape)} on {t.device}, the parameter {tuple(param.shape)} on {param.device}"
             )
-        if not inference_ok and t.is_inference():
+        if not inference_ok and (t.is_inference() or lacks_version_counter(t)):
             raise ValueError(f"its {name} is an inference tensor (in-place updates of it are refused outside InferenceMode)")
         if not int8:
             if scales is not None:
@@ -383,7 +385,7 @@ def check_record(param: Tensor, buffers: list[tuple[Any, Any, str]], rule: Any) 
                 f"its {name}_scale must be a contiguous 1-D float32 tensor of {blocks} elements (one per block "
                 f"of {BLOCK}) on {param.device}, got {got}"
             )
-        if not inference_ok and scales.is_inference():
+        if not inference_ok and (scales.is_inference() or lacks_version_counter(scales)):
             raise ValueError(f"its {name}_scale is an inference tensor")
     if int8:
         return "int8"
