@@ -340,6 +340,19 @@ class RMSprop(Optimizer):
         """Note that the group's state may be in another format than torch's (see __init__)."""
         self._lowbit_groups.add(id(group["params"]))
 
+    def _mark_unconverted_groups(self) -> bool:
+        """Mark every group without state_dtype whose state is not all in torch's format but
+        which is not marked (see __init__); True when there was one. Looks at each tensor: only
+        after a step failed."""
+        found = False
+        for group in self.param_groups:
+            if id(group["params"]) in self._lowbit_groups or group.get("state_dtype") is not None:
+                continue
+            if not all(_in_torch_format(self.state.get(p, _NO_STATE), p) for p in group["params"]):
+                self._mark_lowbit(group)
+                found = True
+        return found
+
     def _formatted(self, group: dict[str, Any], p: Tensor, state: Any, target: _Format | None = None) -> dict | None:
         """``state`` in the format the group gives ``p`` (see :mod:`rmsprop.lowbit`; torch's
         without a ``state_dtype``) and completed as :meth:`_new_state` completes it, as a new
@@ -521,6 +534,19 @@ class RMSprop(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        try:
+            self._step_groups()
+        except (RuntimeError, ValueError):
+            # a step that raises has written nothing; where it raised because a group's state is
+            # in another format than the group's marker said (its params list was replaced after
+            # state_dtype was switched off), the group is marked and the step taken again
+            if torch.compiler.is_compiling() or not self._mark_unconverted_groups():
+                raise
+            self._step_groups()
+        return loss
+
+    def _step_groups(self) -> None:
+        """One step of every group with gradients: all validated before any is written."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         created: dict[Tensor, dict[str, Any]] = {}
@@ -562,4 +588,3 @@ class RMSprop(Optimizer):
                 run()
         if not torch.compiler.is_compiling():
             self._fused_cache.sweep()
-        return loss
