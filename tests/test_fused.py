@@ -185,6 +185,96 @@ def test_every_element_is_stepped_once_whatever_the_thread_count(threads):
         assert torch.equal(a, b), (threads, i, _THREAD_CUT_SIZES[i])
 
 
+# Above 256 records a thread, the kernel validates the records, bumps their version counters and
+# counts their steps on several threads, each taking a run of whole records.
+_MANY_RECORDS = 1100
+
+
+def _many_small_run(threads: int, steps: int = 2):
+    """1100 small parameters in three groups (fp32 with every option, a group of low-bit int8
+    state with bias correction, fp64), some of them gapped views the kernel leaves to foreach:
+    the parameters, states and version counters after ``steps`` steps on ``threads`` threads."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = [1 + (7 * i) % 97 for i in range(_MANY_RECORDS)]
+    params = []
+    for i, n in enumerate(sizes):
+        dtype = torch.float64 if i % 11 == 0 else torch.float32
+        p = torch.randn(n, generator=gen, dtype=dtype)
+        if i % 97 == 5:  # a gapped view: not dense, so foreach steps it and the kernel skips it
+            p = torch.empty(2 * n, dtype=dtype)[::2].copy_(p)
+        params.append(torch.nn.Parameter(p))
+    grads = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params] for _ in range(steps)]
+    groups = [
+        {"params": [p for i, p in enumerate(params) if i % 11 and i % 3 == 0], "state_dtype": "int8",
+         "int8_min_numel": 1, "bias_correction": True, "momentum": 0.9},
+        {"params": [p for i, p in enumerate(params) if i % 11 and i % 3]},
+        {"params": [p for i, p in enumerate(params) if i % 11 == 0]},
+    ]  # fmt: skip
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        opt = rmsprop.RMSprop(groups, lr=0.01, **{k: v for k, v in FULL.items() if k != "lr"})
+        for g in grads:
+            for p, gi in zip(params, g, strict=True):
+                p.grad = gi
+            opt.step()
+    finally:
+        torch.set_num_threads(old)
+    return params, opt
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_records_split_across_threads_step_as_on_one(threads):
+    """Validation and the per-record bookkeeping (version bumps, step counters, bias corrections,
+    stochastic-rounding keys) split by records across threads: every record stepped once, as on
+    one thread, the skipped ones by foreach."""
+    one, opt_one = _many_small_run(1)
+    many, opt_many = _many_small_run(threads)
+    for i, (a, b) in enumerate(zip(one, many, strict=True)):
+        assert torch.equal(a, b), (threads, i)
+        assert a._version == b._version, (threads, i)
+        sa, sb = opt_one.state[a], opt_many.state[b]
+        assert set(sa) == set(sb) and float(sb["step"]) == 2.0, i
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), (i, key)
+            assert sa[key]._version == sb[key]._version, (i, key)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("bad", [3, 700, _MANY_RECORDS - 1])
+def test_a_bad_record_in_any_threads_run_is_refused_with_nothing_written(bad, in_place):
+    """fused=True over 1100 records on several threads: one record with a state tensor of the
+    wrong dtype, in the first, a middle or the last thread's run, fails the step, which names it
+    and writes nothing (no parameter, state, step counter or version counter changes). A new
+    tensor is seen by Python first; ``.data`` set in place only by the kernel's check of the
+    cached records."""
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(8 + i % 5, generator=gen)) for i in range(_MANY_RECORDS)]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        opt = rmsprop.RMSprop(params, lr=0.01, momentum=0.9, fused=True)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        buf = opt.state[params[bad]]["momentum_buffer"]
+        if in_place:
+            buf.data = buf.data.double()
+        else:
+            opt.state[params[bad]]["momentum_buffer"] = buf.double()
+        values = [p.detach().clone() for p in params]
+        states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+        versions = [(p._version, *(v._version for v in opt.state[p].values())) for p in params]
+        with pytest.raises(RuntimeError, match=f"parameter {bad}\\b"):
+            opt.step()
+    finally:
+        torch.set_num_threads(old)
+    for i, p in enumerate(params):
+        assert torch.equal(p, values[i]), i
+        assert all(torch.equal(opt.state[p][k], v) for k, v in states[i].items()), i
+        assert (p._version, *(v._version for v in opt.state[p].values())) == versions[i], i
+
+
 def _strided_copy(t: torch.Tensor, layout: str) -> torch.Tensor:
     """A copy of ``t`` laid out as a transposed (dense) or a gapped (every other element) view."""
     if layout == "transposed":

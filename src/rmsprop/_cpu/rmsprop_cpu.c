@@ -556,16 +556,16 @@ static void warm_records(const rms_lists *L, int64_t lo, int64_t hi, int64_t n, 
             }
         }
 }
-/* Called at record t, a multiple of the batch: loads batch t+2, prefetches batch t+1 (loaded a
- * batch ago), while batch t is validated. */
-static void warm_ahead(const rms_lists *L, int64_t t, int64_t n) {
+/* Called at record t of the run [lo, hi) one thread validates, every batch from lo: loads batch
+ * t+2, prefetches batch t+1 (loaded a batch ago), while batch t is validated. */
+static void warm_ahead(const rms_lists *L, int64_t t, int64_t lo, int64_t hi) {
     const int64_t b = RMS_WARM_BATCH;
-    if (t == 0) {
-        warm_records(L, 0, 2 * b, n, 1);
-        warm_records(L, 0, b, n, 0);
+    if (t == lo) {
+        warm_records(L, lo, lo + 2 * b, hi, 1);
+        warm_records(L, lo, lo + b, hi, 0);
     }
-    warm_records(L, t + 2 * b, t + 3 * b, n, 1);
-    warm_records(L, t + b, t + 2 * b, n, 0);
+    warm_records(L, t + 2 * b, t + 3 * b, hi, 1);
+    warm_records(L, t + b, t + 2 * b, hi, 0);
 }
 
 /* ------------------------------------------------------------------ overlap check */
@@ -1733,6 +1733,52 @@ static void run_parallel(const rms_record *records, int64_t n, int64_t total, co
     }
 }
 
+/* Work split across threads by records, not elements: the validation, and the bookkeeping
+ * between it and the first write (version bumps, step counters). Both are bound by latency, not
+ * bandwidth: each record's TensorImpls, version counters and step counter lie apart in memory and
+ * miss the cache once a step has streamed the data (2000 records of 5k floats: about 3 ms of
+ * misses, one after another, on one thread), and threads overlap them. Each part is a run of
+ * whole records, so records never share a thread's writes (the scratch entries of record t are
+ * written by the thread that owns t). */
+#define RMS_RECORDS_PER_THREAD 256
+typedef void (*rms_records_fn)(void *ctx, int64_t lo, int64_t hi);
+typedef struct {
+    rms_records_fn fn;
+    void *ctx;
+    int64_t n;
+    int parts;
+    atomic_int next;
+} rms_record_team;
+
+static void *record_worker(void *arg) {
+    rms_record_team *team = (rms_record_team *)arg;
+    int k;
+    while ((k = atomic_fetch_add(&team->next, 1)) < team->parts)
+        team->fn(team->ctx, team->n * k / team->parts, team->n * (k + 1) / team->parts);
+    return NULL;
+}
+static void record_worker_omp(void *arg) { record_worker(arg); }
+
+static void run_records(rms_records_fn fn, void *ctx, int64_t n, int num_threads) {
+    int threads = num_threads > 64 ? 64 : num_threads;
+    if ((int64_t)threads > n / RMS_RECORDS_PER_THREAD) threads = (int)(n / RMS_RECORDS_PER_THREAD);
+    if (threads <= 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    rms_record_team team = {fn, ctx, n, threads, 0};
+    gomp_parallel_fn gomp = atomic_load(&g_gomp_parallel);
+    if (gomp) {
+        gomp(record_worker_omp, &team, (unsigned)threads, 0);
+    } else {
+        pthread_t handles[64];
+        int started = 0;
+        for (int k = 1; k < threads && pthread_create(&handles[started], NULL, record_worker, &team) == 0; k++) started++;
+        record_worker(&team);
+        for (int k = 0; k < started; k++) pthread_join(handles[k], NULL);
+    }
+}
+
 /* A one-element float32 CPU tensor's value. */
 static int read_scalar(const int64_t *slot, float *out) {
     rms_view s;
@@ -1793,6 +1839,69 @@ static int unchanged(const rms_record *old, const rms_record *now) {
            old->fmt == now->fmt && old->state_size == now->state_size;
 }
 
+/* The validation pass over records [lo, hi): a record whose status came in nonzero is kept from
+ * the kernel (neither validated nor counted). */
+typedef struct {
+    const rms_lists *lists;
+    const rms_call *call;
+    rms_record *fresh;
+    uint8_t *st;
+    const uint8_t *kept; /* the caller's status on entry, or NULL */
+    _Atomic int64_t failures, total;
+} rms_validation;
+
+static void validate_records(void *ctx, int64_t lo, int64_t hi) {
+    rms_validation *v = (rms_validation *)ctx;
+    int64_t failures = 0, total = 0;
+    for (int64_t t = lo; t < hi; t++) {
+        if ((t - lo) % RMS_WARM_BATCH == 0) warm_ahead(v->lists, t, lo, hi);
+        if (v->kept && v->kept[t]) continue;
+        v->st[t] = validate_record(v->lists, t, v->call, &v->fresh[t]);
+        failures += v->st[t] != 0;
+        if (!v->st[t]) total += v->fresh[t].numel;
+    }
+    atomic_fetch_add(&v->failures, failures);
+    atomic_fetch_add(&v->total, total);
+}
+
+/* Between the validation and the first write of a step, per valid record of [lo, hi): the
+ * version bumps of what it writes (while its TensorImpls are still in the cache), step += 1,
+ * then 1 / (1 - alpha^step) and what a low-bit record needs besides: 1/C_{t-1} and the variance
+ * weight (both as the torch-op path computes them, in double), the keys. */
+typedef struct {
+    const rms_lists *lists;
+    const rms_call *call;
+    const rms_record *fresh;
+    rms_rec_scalars *inv_corr;
+    int bump, grad_written;
+} rms_bookkeeping;
+
+static void keep_books(void *ctx, int64_t lo, int64_t hi) {
+    const rms_bookkeeping *k = (const rms_bookkeeping *)ctx;
+    const double a = k->call->alpha;
+    for (int64_t t = lo; t < hi; t++) {
+        const rms_record *rec = &k->fresh[t];
+        if (!rec->valid) continue; /* kept from the kernel by the caller */
+        if (k->bump) bump_record(k->lists, rec, t, k->grad_written);
+        double step;
+        if (rec->step_kind) step = *(double *)rec->step += 1.0;
+        else step = *(float *)rec->step += 1.0f;
+        rms_rec_scalars *rs = &k->inv_corr[t];
+        if (k->call->bias_correction) {
+            const double c_t = 1.0 - pow(a, step), c_prev = 1.0 - pow(a, step - 1.0);
+            rs->inv_corr = 1.0 / c_t;
+            rs->inv_prev = c_prev > 0.0 ? 1.0 / c_prev : 0.0;
+            rs->k_var = a * (1.0 - a) * c_prev / c_t;
+        } else {
+            rs->inv_corr = 1.0;
+            rs->inv_prev = 1.0;
+            rs->k_var = a * (1.0 - a);
+        }
+        rs->key0 = stream_key((uint32_t)(int64_t)step, (uint32_t)t, 0);
+        rs->key1 = stream_key((uint32_t)(int64_t)step, (uint32_t)t, 1);
+    }
+}
+
 /*
  * Validate, then (mode RUN) apply one step to every record, or (mode STREAM) stream the bytes
  * of a plain fp32 step over them. `records` (rmsprop_memo_size(n) bytes, zeroed at first) is
@@ -1834,14 +1943,9 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
     /* status on entry: nonzero marks a record the caller keeps from the kernel (it is neither
      * validated nor stepped, and keeps its code) */
     if (status) memcpy(st, status, (size_t)n);
-    int64_t failures = 0, total = 0;
-    for (int64_t t = 0; t < n; t++) {
-        if (t % RMS_WARM_BATCH == 0) warm_ahead(lists, t, n);
-        if (st[t]) continue;
-        st[t] = validate_record(lists, t, &checked, &fresh[t]);
-        failures += st[t] != 0;
-        if (!st[t]) total += fresh[t].numel;
-    }
+    rms_validation v = {lists, &checked, fresh, st, status, 0, 0};
+    run_records(validate_records, &v, n, num_threads);
+    const int64_t failures = atomic_load(&v.failures), total = atomic_load(&v.total);
     const int require_unchanged = (call->mode & RMS_REQUIRE_UNCHANGED) != 0;
     const int grad_written = call->write_back && call->grad_scale;
     rms_memo_header *hdr = (rms_memo_header *)records;
@@ -1880,32 +1984,8 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
         goto done;
     }
     if (found_inf != 0.0f) { result = RMS_SKIPPED; goto done; } /* AMP overflow: write nothing */
-    if (call->bump_versions)
-        for (int64_t t = 0; t < n; t++)
-            if (fresh[t].valid) bump_record(lists, &fresh[t], t, grad_written);
-
-    for (int64_t t = 0; t < n; t++) { /* step += 1, then 1 / (1 - alpha^step) */
-        if (!fresh[t].valid) continue; /* kept from the kernel by the caller */
-        double step;
-        if (fresh[t].step_kind) step = *(double *)fresh[t].step += 1.0;
-        else step = *(float *)fresh[t].step += 1.0f;
-        /* per record: 1/C_t, and what a low-bit record needs besides: 1/C_{t-1} and the
-         * variance weight (both as the torch-op path computes them, in double), the keys */
-        const double a = call->alpha;
-        rms_rec_scalars *rs = &inv_corr[t];
-        if (call->bias_correction) {
-            const double c_t = 1.0 - pow(a, step), c_prev = 1.0 - pow(a, step - 1.0);
-            rs->inv_corr = 1.0 / c_t;
-            rs->inv_prev = c_prev > 0.0 ? 1.0 / c_prev : 0.0;
-            rs->k_var = a * (1.0 - a) * c_prev / c_t;
-        } else {
-            rs->inv_corr = 1.0;
-            rs->inv_prev = 1.0;
-            rs->k_var = a * (1.0 - a);
-        }
-        rs->key0 = stream_key((uint32_t)(int64_t)step, (uint32_t)t, 0);
-        rs->key1 = stream_key((uint32_t)(int64_t)step, (uint32_t)t, 1);
-    }
+    rms_bookkeeping k = {lists, call, fresh, inv_corr, call->bump_versions != 0, grad_written};
+    run_records(keep_books, &k, n, num_threads);
     const int lr_in = call->lr_in_momentum;
     const int has_momentum = call->momentum > 0;
     rms_scalars c = {
