@@ -26,6 +26,7 @@ def test_bench_reports_every_implementation_and_the_bound(tmp_path, monkeypatch)
     assert row["results"][runner.BASELINE]["speedup_vs_torch_foreach"] == 1.0
     for r in row["results"].values():
         assert r["step_ms"] > 0 and abs(r["gb_per_s"] - 36 * row["elements"] / r["step_ms"] / 1e6) < 1e-6
+    assert row["results"][runner.BOUND]["validation_ms"] > 0  # the bound's own checks, timed alone
     paths = runner.save(results, tmp_path, plot=False)
     assert json.loads(paths[0].read_text())["machine"]["torch"] == torch.__version__
     assert "| tiny fp32 |" in paths[1].read_text()
@@ -40,6 +41,27 @@ def test_stream_bound_moves_the_bytes_it_claims():
     stream()
     stream()
     assert torch.equal(p, torch.full_like(p, -2.0)) and torch.equal(v, torch.full_like(v, 2.0))
+
+
+def test_the_bounds_validation_alone_moves_nothing_and_still_refuses():
+    """check_only validates the tensors as the stream does and writes nothing; a tensor whose
+    storage shrank under it fails the kernel's check in both modes, with nothing written."""
+    from rmsprop.bench.bound import stream_bound
+
+    p, g, v = torch.zeros(100_000), torch.ones(100_000), torch.zeros(100_000)
+    stream_bound([p], [g], [v], check_only=True)()
+    assert not p.any() and not v.any()
+    for check_only in (False, True):
+        bad = torch.zeros(100_000)
+        run = stream_bound([p], [g], [bad], check_only=check_only)
+        bad.untyped_storage().resize_(4)
+        try:
+            run()
+        except RuntimeError as e:
+            assert "stream bound failed" in str(e)
+        else:
+            raise AssertionError("a tensor past its storage's end was accepted")
+        assert not p.any()
 
 
 def test_stream_bound_refuses_lists_of_different_lengths():

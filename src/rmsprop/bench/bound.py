@@ -3,7 +3,9 @@
 The native library's stream mode moves the bytes of a plain fp32 step (read p, g, v; write p, v)
 over the same tensors, split across threads as the kernel splits them, with arithmetic too cheap
 to matter. Its inputs pass the same validation as a real step (so it cannot be pointed at memory
-a tensor does not own).
+a tensor does not own), on every call: with thousands of small tensors that validation is a
+visible part of the bound's time, which ``check_only`` measures alone (the kernel's check mode:
+every tensor validated, nothing written).
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ __all__ = ["stream_bound"]
 
 
 def stream_bound(
-    params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor]
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    square_avgs: list[torch.Tensor],
+    check_only: bool = False,
 ) -> Callable[[], None]:
-    """A zero-argument callable streaming a plain fp32 step's bytes over these float32 tensors."""
+    """A zero-argument callable streaming a plain fp32 step's bytes over these float32 tensors
+    (``check_only``: validating them as the stream does, and moving nothing)."""
     if native.LIB is None:
         raise RuntimeError(f"the native library is unavailable: {native.load_error()}")
     if not len(params) == len(grads) == len(square_avgs):  # (C reads one handle of each per parameter)
@@ -35,7 +41,7 @@ def stream_bound(
     columns = [native.handles(lst) for lst in (params, grads, square_avgs, steps)]
     address = [c.buffer_info()[0] for c in columns]
     lists = native.Lists(param=address[0], grad=address[1], square_avg=address[2], step=address[3])
-    call = native.Call(mode=native.MODE_STREAM, dtype_mask=1)
+    call = native.Call(mode=native.MODE_CHECK if check_only else native.MODE_STREAM, dtype_mask=1)
     n = len(params)
     records = bytearray(native.memo_size(n))
     records_address = native.buffer_address(records)

@@ -119,6 +119,7 @@ def _prepare(config: Config, name: str) -> tuple[Callable[[], object], dict]:
         fp32 = [p.detach().float() for p in params]
         grads = [p.grad.float() for p in params]
         avgs = [torch.ones_like(p) for p in fp32]
+        extra["_validation"] = stream_bound(fp32, grads, avgs, check_only=True)
         return stream_bound(fp32, grads, avgs), extra
     if name == COMPILED:
         _cold_compile_caches()
@@ -145,12 +146,22 @@ def _measure_side_by_side(config: Config, names: list[str], quick: bool) -> dict
         for _ in range(warmup):
             steps[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
+    # the bound's own validation of every tensor, timed right after it (see bound.py)
+    validations = {name: extras[name].pop("_validation") for name in names if "_validation" in extras[name]}
+    checks: dict[str, list[float]] = {name: [] for name in validations}
     for _ in range(repeats):
         for name in names:
             start = time.perf_counter()
             for _ in range(per):
                 steps[name]()
             samples[name].append((time.perf_counter() - start) / per)
+            if name in validations:
+                start = time.perf_counter()
+                for _ in range(per):
+                    validations[name]()
+                checks[name].append((time.perf_counter() - start) / per)
+    for name, times in checks.items():
+        extras[name]["validation_ms"] = statistics.median(times) * 1e3
     out = {}
     for name in names:
         seconds = statistics.median(samples[name])
@@ -294,6 +305,8 @@ def format_row(row: dict) -> str:
     )
     for impl, r in row["results"].items():
         extra = f"  (compile {r['compile_s']:.1f} s)" if "compile_s" in r else ""
+        if "validation_ms" in r:
+            extra = f"  (of which validating the tensors: {r['validation_ms']:.2f} ms)"
         lines.append(
             f"  {impl:<24}{r['step_ms']:>9.2f}{r['steps_per_s']:>9.1f}{r['gelem_per_s']:>9.2f}"
             f"{r['gb_per_s']:>8.1f}{r['speedup_vs_torch_foreach']:>17.2f}x{extra}"
@@ -307,8 +320,8 @@ def markdown_table(results: dict) -> str:
     impls = [
         i for i in [*IMPLEMENTATIONS, COMPILED, BOUND] if any(i in c["results"] for c in results["configs"])
     ]
-    head = "| configuration | " + " | ".join(impls) + " | fused / bound |"
-    sep = "|---" * (len(impls) + 2) + "|"
+    head = "| configuration | " + " | ".join(impls) + " | fused / bound | bound's validation |"
+    sep = "|---" * (len(impls) + 3) + "|"
     rows = [head, sep]
     for c in results["configs"]:
         cells = []
@@ -317,8 +330,10 @@ def markdown_table(results: dict) -> str:
             cells.append(
                 "—" if r is None else f"{r['step_ms']:.1f} ms ({r['speedup_vs_torch_foreach']:.2f}x)"
             )
+        check = c["results"].get(BOUND, {}).get("validation_ms")
         rows.append(
-            f"| {c['name']} | " + " | ".join(cells) + f" | {100 * c['fused_fraction_of_bound']:.0f}% |"
+            f"| {c['name']} | " + " | ".join(cells) + f" | {100 * c['fused_fraction_of_bound']:.0f}% | "
+            + ("—" if check is None else f"{check:.2f} ms") + " |"
         )
     return "\n".join(rows)
 
