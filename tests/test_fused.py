@@ -185,17 +185,18 @@ def test_every_element_is_stepped_once_whatever_the_thread_count(threads):
         assert torch.equal(a, b), (threads, i, _THREAD_CUT_SIZES[i])
 
 
-# Above 256 records a thread, the kernel validates the records, bumps their version counters and
-# counts their steps on several threads, each taking a run of whole records.
-_MANY_RECORDS = 1100
+# Above 256 records a thread (and where the elements too go to several threads), the kernel
+# validates the records, bumps their version counters and counts their steps on several threads,
+# each taking a run of whole records.
+_MANY_RECORDS = 1600
 
 
 def _many_small_run(threads: int, steps: int = 2):
-    """1100 small parameters in three groups (fp32 with every option, a group of low-bit int8
+    """1600 small parameters in three groups (fp32 with every option, a group of low-bit int8
     state with bias correction, fp64), some of them gapped views the kernel leaves to foreach:
     the parameters, states and version counters after ``steps`` steps on ``threads`` threads."""
     gen = torch.Generator().manual_seed(5)
-    sizes = [1 + (7 * i) % 97 for i in range(_MANY_RECORDS)]
+    sizes = [64 + (7 * i) % 193 for i in range(_MANY_RECORDS)]
     params = []
     for i, n in enumerate(sizes):
         dtype = torch.float64 if i % 11 == 0 else torch.float32
@@ -205,9 +206,9 @@ def _many_small_run(threads: int, steps: int = 2):
         params.append(torch.nn.Parameter(p))
     grads = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params] for _ in range(steps)]
     groups = [
-        {"params": [p for i, p in enumerate(params) if i % 11 and i % 3 == 0], "state_dtype": "int8",
+        {"params": [p for i, p in enumerate(params) if i % 11 and i % 2 == 0], "state_dtype": "int8",
          "int8_min_numel": 1, "bias_correction": True, "momentum": 0.9},
-        {"params": [p for i, p in enumerate(params) if i % 11 and i % 3]},
+        {"params": [p for i, p in enumerate(params) if i % 11 and i % 2]},
         {"params": [p for i, p in enumerate(params) if i % 11 == 0]},
     ]  # fmt: skip
     old = torch.get_num_threads()
@@ -241,15 +242,15 @@ def test_records_split_across_threads_step_as_on_one(threads):
 
 
 @pytest.mark.parametrize("in_place", [False, True])
-@pytest.mark.parametrize("bad", [3, 700, _MANY_RECORDS - 1])
+@pytest.mark.parametrize("bad", [3, 1000, _MANY_RECORDS - 1])
 def test_a_bad_record_in_any_threads_run_is_refused_with_nothing_written(bad, in_place):
-    """fused=True over 1100 records on several threads: one record with a state tensor of the
+    """fused=True over 1600 records on several threads: one record with a state tensor of the
     wrong dtype, in the first, a middle or the last thread's run, fails the step, which names it
     and writes nothing (no parameter, state, step counter or version counter changes). A new
     tensor is seen by Python first; ``.data`` set in place only by the kernel's check of the
     cached records."""
     gen = torch.Generator().manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(8 + i % 5, generator=gen)) for i in range(_MANY_RECORDS)]
+    params = [torch.nn.Parameter(torch.randn(100 + i % 5, generator=gen)) for i in range(_MANY_RECORDS)]
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(4)

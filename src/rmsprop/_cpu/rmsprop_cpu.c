@@ -579,7 +579,8 @@ struct rms_span_s {
  * persist between steps (parameters and state), which a steady loop checks new gradients
  * against without sorting again. */
 typedef struct {
-    int64_t n, n_spans, spans_valid, reserved;
+    int64_t n, n_spans, spans_valid;
+    int64_t last_total; /* the elements the previous validated call stepped or streamed */
 } rms_memo_header;
 #define RMS_PERSISTED_PER_RECORD 8 /* p, v, m, b, step, and the three int8 scales */
 /* Then the scratch of one call, so a step allocates nothing: this step's records, the per-record
@@ -1943,12 +1944,16 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
     /* status on entry: nonzero marks a record the caller keeps from the kernel (it is neither
      * validated nor stepped, and keeps its code) */
     if (status) memcpy(st, status, (size_t)n);
+    /* records go to several threads only where the elements do (as in the last call: the
+     * total is known only after validating): waking a thread for a step of tiny tensors costs
+     * more than it saves, and much more when the cores are busy elsewhere */
+    rms_memo_header *hdr = (rms_memo_header *)records;
+    const int parallel = hdr->last_total >= 2 * RMS_MIN_PER_THREAD;
     rms_validation v = {lists, &checked, fresh, st, status, 0, 0};
-    run_records(validate_records, &v, n, num_threads);
+    run_records(validate_records, &v, n, parallel ? num_threads : 1);
     const int64_t failures = atomic_load(&v.failures), total = atomic_load(&v.total);
     const int require_unchanged = (call->mode & RMS_REQUIRE_UNCHANGED) != 0;
     const int grad_written = call->write_back && call->grad_scale;
-    rms_memo_header *hdr = (rms_memo_header *)records;
     rms_record *memo = n > 0 ? memo_records(records) : NULL;
     rms_span *spans = n > 0 ? memo_spans(records, n) : NULL;
     int32_t result = RMS_OK;
@@ -1979,13 +1984,14 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
             if (st[t]) { *bad = t; break; }
     if (result != RMS_OK || mode == RMS_MODE_CHECK) goto done;
 
+    if (mode != RMS_MODE_CHECK) hdr->last_total = total;
     if (mode == RMS_MODE_STREAM) {
         run_parallel(fresh, n, total, NULL, NULL, 0, 0, 1, num_threads);
         goto done;
     }
     if (found_inf != 0.0f) { result = RMS_SKIPPED; goto done; } /* AMP overflow: write nothing */
     rms_bookkeeping k = {lists, call, fresh, inv_corr, call->bump_versions != 0, grad_written};
-    run_records(keep_books, &k, n, num_threads);
+    run_records(keep_books, &k, n, total >= 2 * RMS_MIN_PER_THREAD ? num_threads : 1);
     const int lr_in = call->lr_in_momentum;
     const int has_momentum = call->momentum > 0;
     rms_scalars c = {
