@@ -834,20 +834,23 @@ def test_after_switching_to_none_the_steady_path_looks_at_no_tensor(monkeypatch)
     assert all(v.dtype == torch.float32 for v in twin.state[q].values())
 
 
+@pytest.mark.parametrize("replaced", ["params list", "group dict"])
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 @pytest.mark.parametrize("path", [{"fused": False, "foreach": True}, {"fused": False, "foreach": False}, {}])
-def test_state_is_converted_even_where_the_group_was_not_noted(fmt, path):
-    """A group whose params list was replaced (the step notes a group's format by that list)
-    and then switched to None: its non-centered state is E[g^2] in bf16 or int8 codes, which
-    the steady path's checks refuse before writing anything; the step then notes the group and
-    converts, as where the list was kept (it once raised instead)."""
+def test_state_is_converted_where_the_groups_list_or_dict_was_replaced(fmt, path, replaced):
+    """A group switched to None whose params list was replaced, or whose list was put in a new
+    group dict (the step notes a group's format by both): its non-centered bf16 / int8 E[g^2]
+    is converted, as where neither was replaced (a replaced list once had it refused)."""
     ref, ref_opt, _ = _switched(fmt, None, (False, False), 0.9, steps=5)
     p, other = _param((2 * 4096 + 300,)), torch.nn.Parameter(torch.zeros(3))
     opt = rmsprop.RMSprop([p], lr=LR, momentum=0.9, state_dtype=FORMATS[fmt], fused=False, foreach=True)
     opt.add_param_group({"params": [other], "state_dtype": None})
     for t, g in enumerate(_grads(p.shape, 5)):
         if t == 3:
-            opt.param_groups[0]["params"] = list(opt.param_groups[0]["params"])
+            if replaced == "params list":
+                opt.param_groups[0]["params"] = list(opt.param_groups[0]["params"])
+            else:
+                opt.param_groups[0] = dict(opt.param_groups[0])
             opt.param_groups[0].update(state_dtype=None, **path)
         p.grad, other.grad = g.clone(), torch.ones(3)
         opt.step()
@@ -857,20 +860,21 @@ def test_state_is_converted_even_where_the_group_was_not_noted(fmt, path):
         assert torch.equal(opt.state[p][key], ref_opt.state[ref][key]), key
 
 
-def test_a_step_refused_for_another_reason_still_raises_after_noting_the_group():
-    """The second try is taken only where the group was not noted; a step that fails for
-    another reason (a step counter of the wrong dtype) raises, with nothing changed."""
+def test_a_group_whose_list_and_dict_were_both_replaced_has_its_lowbit_state_refused():
+    """Where neither the list nor the dict of a group is the one its low-bit state was made
+    under, the steady path does not look at each tensor; the step's checks refuse the bf16 E[g^2]
+    (it is never used as float32 state), with nothing written."""
     p = _param((5000,))
     opt = rmsprop.RMSprop([p], lr=LR, state_dtype=torch.bfloat16)
     p.grad = torch.randn_like(p)
     opt.step()
-    opt.param_groups[0]["params"] = list(opt.param_groups[0]["params"])
-    opt.param_groups[0]["state_dtype"] = None
+    opt.param_groups[0] = {**opt.param_groups[0], "params": list(opt.param_groups[0]["params"]), "state_dtype": None}
     p.grad = torch.randn_like(p)
-    opt.state[p]["step"] = opt.state[p]["step"].long()
     before = {k: v.clone() for k, v in opt.state[p].items()}
-    with pytest.raises(RuntimeError, match="step counter"):
+    value = p.detach().clone()
+    with pytest.raises(RuntimeError, match="dtype torch.bfloat16"):
         opt.step()
+    assert torch.equal(p, value)
     assert all(torch.equal(opt.state[p][k], v) and opt.state[p][k].dtype == v.dtype for k, v in before.items())
 
 

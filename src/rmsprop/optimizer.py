@@ -203,11 +203,14 @@ class RMSprop(Optimizer):
         super().__init__(params, defaults)
         self._fused_cache = functional.FusedCache()
         # The groups whose state may be in another format than torch's (a state_dtype made or
-        # loaded it), by the id of their params list: the checked copy of a group that a step
-        # works on shares that list, and so does the group load_state_dict puts in its place. A
-        # group without state_dtype that is not here takes the steady path, which reads the
-        # state as torch's without looking at each tensor. (An id only, not the list: a removed
-        # group's parameters are not kept alive; a reused id costs one look at each tensor.)
+        # loaded it), by the id of their params list (the checked copy of a group that a step
+        # works on shares that list, and so does the group load_state_dict puts in its place)
+        # and by the id of the group in param_groups: a group whose list is replaced, or a
+        # list put in a new group dict, keeps the mark. A group without state_dtype that is not
+        # here takes the steady path, which reads the state as torch's without looking at each
+        # tensor; one whose list and dict were both replaced has its low-bit state refused there,
+        # with nothing written. (Ids only: a removed group's parameters are not kept alive; a
+        # reused id costs one look at each tensor.)
         self._lowbit_groups: set[int] = set()
 
     @property
@@ -336,22 +339,12 @@ class RMSprop(Optimizer):
             state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _mark_lowbit(self, group: dict[str, Any]) -> None:
-        """Note that the group's state may be in another format than torch's (see __init__)."""
+    def _mark_lowbit(self, group: dict[str, Any], original: dict[str, Any] | None = None) -> None:
+        """Note that the group's state may be in another format than torch's (see __init__), by
+        its params list and by the group in ``param_groups`` (``original``, where ``group`` is the
+        step's checked copy): a group keeps its mark when either is replaced, not both."""
         self._lowbit_groups.add(id(group["params"]))
-
-    def _mark_unconverted_groups(self) -> bool:
-        """Mark every group without state_dtype whose state is not all in torch's format but
-        which is not marked (see __init__); True when there was one. Looks at each tensor: only
-        after a step failed."""
-        found = False
-        for group in self.param_groups:
-            if id(group["params"]) in self._lowbit_groups or group.get("state_dtype") is not None:
-                continue
-            if not all(_in_torch_format(self.state.get(p, _NO_STATE), p) for p in group["params"]):
-                self._mark_lowbit(group)
-                found = True
-        return found
+        self._lowbit_groups.add(id(original if original is not None else group))
 
     def _formatted(self, group: dict[str, Any], p: Tensor, state: Any, target: _Format | None = None) -> dict | None:
         """``state`` in the format the group gives ``p`` (see :mod:`rmsprop.lowbit`; torch's
@@ -372,12 +365,16 @@ class RMSprop(Optimizer):
         return self._new_state(group, p, state)
 
     def _gather(
-        self, group: dict[str, Any], created: dict[Tensor, dict[str, Any]], order: _StateOrder
+        self,
+        group: dict[str, Any],
+        created: dict[Tensor, dict[str, Any]],
+        order: _StateOrder,
+        original: dict[str, Any] | None = None,
     ) -> tuple[list[Tensor], ...]:
         """The group's lists; state a parameter lacks is created into ``created``, not yet into
         ``self.state`` (so a step that raises leaves no half-built state behind)."""
         if group["state_dtype"] is not None:
-            return self._gather_lowbit(group, created)
+            return self._gather_lowbit(group, created, original)
         wanted = ["step", "square_avg"]
         if group["momentum"] > 0:
             wanted.append("momentum_buffer")
@@ -390,9 +387,10 @@ class RMSprop(Optimizer):
         # state_dtype switched to None: the state another format made is converted once, then
         # the group takes the steady path again (its only cost there is this one lookup)
         params = group["params"]
-        converting = id(params) in self._lowbit_groups
+        marks = (id(params), id(original if original is not None else group))
+        converting = marks[0] in self._lowbit_groups or marks[1] in self._lowbit_groups
         if converting and all(_in_torch_format(self.state.get(p, _NO_STATE), p) for p in params):
-            self._lowbit_groups.discard(id(params))
+            self._lowbit_groups.difference_update(marks)
             converting = False
         if converting:
             columns = self._gather_converted(group, wanted, created)
@@ -455,7 +453,7 @@ class RMSprop(Optimizer):
                 columns[key].append(state[key])
         return {"params": params, "grads": list(map(_GRAD, params)), **columns}
 
-    def _gather_lowbit(self, group, created) -> tuple[list, ...]:
+    def _gather_lowbit(self, group, created, original=None) -> tuple[list, ...]:
         """The lists of a group with a ``state_dtype``, and a seventh item: the int8 scales of
         each buffer (None for float buffers). Each parameter's buffers are in its format (see
         :mod:`rmsprop.lowbit`); state in another format (``state_dtype`` or
@@ -468,7 +466,7 @@ class RMSprop(Optimizer):
         slots = [0] + ([1] if centered else []) + ([2] if momentum else [])
         compiling = torch.compiler.is_compiling()
         if not compiling:
-            self._mark_lowbit(group)
+            self._mark_lowbit(group, original)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -534,15 +532,7 @@ class RMSprop(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        try:
-            self._step_groups()
-        except (RuntimeError, ValueError):
-            # a step that raises has written nothing; where it raised because a group's state is
-            # in another format than the group's marker said (its params list was replaced after
-            # state_dtype was switched off), the group is marked and the step taken again
-            if torch.compiler.is_compiling() or not self._mark_unconverted_groups():
-                raise
-            self._step_groups()
+        self._step_groups()
         return loss
 
     def _step_groups(self) -> None:
@@ -556,7 +546,10 @@ class RMSprop(Optimizer):
         if not torch.compiler.is_compiling():
             groups = [validate_group(g, where=f"param group {i}") for i, g in enumerate(groups)]
         order = _StateOrder(self.state)  # (reads nothing until a group asks: never under compile)
-        work = [(group, self._gather(group, created, order)) for group in groups]
+        work = [
+            (group, self._gather(group, created, order, original))
+            for group, original in zip(groups, self.param_groups, strict=True)
+        ]
         work = [(group, lists) for group, lists in work if lists[0]]
         # One group validates inside its own call (nothing of the step is written before);
         # several are all validated first, so that a bad one leaves every group unchanged.
