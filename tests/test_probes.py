@@ -767,6 +767,19 @@ for kw in ({}, {"fused": True}, {"fused": False, "foreach": True}, {"fused": Fal
     snap = snapshot(opt, [p])
     refused(opt.step, RuntimeError, "inference tensor")
     unchanged(opt, [p], snap)
+# such a gradient under GradScaler's contract (grad_scale handed to step: unscaled in place) is
+# refused before any gradient is unscaled (the torch-op paths unscaled them all, then raised)
+for kw in ({}, {"fused": False, "foreach": True}, {"fused": False, "foreach": False},
+           {"fused": False, "state_dtype": torch.bfloat16}, {"fused": False, "state_dtype": "int8", "int8_min_numel": 1}):
+    p, q = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(10))
+    opt = rmsprop.RMSprop([p, q], lr=0.1, **kw)
+    p.grad, q.grad = torch.full((10,), 4.0), counterless(10)
+    grads = (p.grad.clone(), q.grad.clone())
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+    snap = snapshot(opt, [p, q])
+    refused(opt.step, RuntimeError, "inference tensor")
+    unchanged(opt, [p, q], snap)
+    assert torch.equal(p.grad, grads[0]) and torch.equal(q.grad, grads[1]) and len(opt.state) == 0, kw
 """,
     # S7. Cached entries held parameters the user had dropped (and their state) until 64 others
     # pushed them out; torch's optimizer lets them go.

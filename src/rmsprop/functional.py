@@ -126,13 +126,14 @@ def _OVERLAPS_ITSELF(t: Tensor) -> bool:
 
 
 def _check_torch_tensors(
-    lists: Lists, capturable: bool, positions: list[int] | None = None, state: bool = True
+    lists: Lists, capturable: bool, positions: list[int] | None = None, state: bool = True, grads_written: bool = False
 ) -> None:
     """What torch's op paths would trip over half-way through a step, checked before it starts:
     every entry a tensor; gradients dense; each gradient and (``state``) state tensor with its
     parameter's sizes, dtype and device; parameters and state strided and without a conjugate or
     negative bit (torch's paths write through such views only partly); step counters one-element
-    float32/float64 tensors; nothing written an inference tensor outside inference mode. (The
+    float32/float64 tensors; nothing written (the gradients too, with ``grads_written``: unscaled
+    in place) an inference tensor outside inference mode. (The
     sizes, dtypes and devices of low-bit state are checked by :func:`_lowbit_formats`.)"""
     params, grads = lists[0], lists[1]
     if not params:
@@ -199,7 +200,7 @@ def _check_torch_tensors(
             f"parameter {at(i)}: its step counter must be a one-element float32/float64 tensor, got "
             f"{steps[i].dtype} {tuple(steps[i].shape)}; nothing was updated"
         )
-    if inplace.without_version_counter((params, *lists[2:])):
+    if inplace.without_version_counter((params, *lists[2:], *((grads,) if grads_written else ()))):
         raise RuntimeError(inplace.MESSAGE)
 
 
@@ -221,7 +222,7 @@ def _torch_step(
     by the float32 reciprocal of the scale, exactly as GradScaler.unscale_ does. ``checked``:
     the caller has validated the tensors."""
     if not torch.compiler.is_compiling() and not checked:
-        _check_torch_tensors(lists, kwargs["capturable"], positions)
+        _check_torch_tensors(lists, kwargs["capturable"], positions, grads_written=grad_scale is not None)
     if backend is rmsprop_foreach and kwargs["differentiable"]:
         raise ValueError("foreach=True does not support differentiable=True; use foreach=False")
 
@@ -630,7 +631,7 @@ def _prepare_lowbit(lists, scales, lr, rule, foreach, fused, differentiable, cap
             runs.append(_torch_step(chosen, backend, grad_scale, found_inf, same, has_complex=complex_, **kwargs))
         if low:
             chosen = _subset(local, low)
-            _check_torch_tensors(chosen, capturable, low, state=False)
+            _check_torch_tensors(chosen, capturable, low, state=False, grads_written=grad_scale is not None)
             backend = functools.partial(
                 rmsprop_lowbit,
                 formats=[formats[i] for i in low],
