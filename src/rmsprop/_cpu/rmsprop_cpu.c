@@ -40,7 +40,9 @@
  * first write. The `restrict` promises of the element loops rest on that overlap check. On any
  * failure nothing is written, the per-record status says why, and an error code is returned.
  *
- * Threads: each of T threads takes a 1/T slice of every tensor. The threads are torch's own
+ * Threads: the elements of the valid records, laid end to end, are cut into T runs, one a thread
+ * (see run_job); validation and the per-record bookkeeping are split by runs of whole records
+ * (see run_records). The threads are torch's own
  * OpenMP pool when the caller hands us its GOMP_parallel entry point (rmsprop_use_openmp): its
  * workers are already running and warm, and no second pool competes with torch's for the cores.
  * Otherwise plain pthreads are started per call (correct, but slower to wake in some VMs).
@@ -1982,9 +1984,9 @@ int32_t rmsprop_step(const rms_lists *lists, int64_t n, const rms_call *call, in
     if (bad && result != RMS_OK)
         for (int64_t t = 0; t < n; t++)
             if (st[t]) { *bad = t; break; }
+    if (result == RMS_OK) hdr->last_total = total; /* (the check before a step: its step splits too) */
     if (result != RMS_OK || mode == RMS_MODE_CHECK) goto done;
 
-    if (mode != RMS_MODE_CHECK) hdr->last_total = total;
     if (mode == RMS_MODE_STREAM) {
         run_parallel(fresh, n, total, NULL, NULL, 0, 0, 1, num_threads);
         goto done;
