@@ -1712,6 +1712,22 @@ static void *team_worker(void *arg) {
 }
 static void team_worker_omp(void *arg) { team_worker(arg); }
 
+/* Run `worker` on `threads` threads, the calling thread one of them: torch's OpenMP pool where the
+ * caller handed us its entry point, else pthreads (where one cannot be started, the threads that
+ * run claim its share: a team's workers claim its parts until none is left). */
+static void launch_team(void *(*worker)(void *), void (*omp_worker)(void *), void *team, int threads) {
+    gomp_parallel_fn gomp = atomic_load(&g_gomp_parallel);
+    if (gomp) {
+        gomp(omp_worker, team, (unsigned)threads, 0);
+        return;
+    }
+    pthread_t handles[64];
+    int started = 0;
+    for (int k = 1; k < threads && pthread_create(&handles[started], NULL, worker, team) == 0; k++) started++;
+    worker(team);
+    for (int k = 0; k < started; k++) pthread_join(handles[k], NULL);
+}
+
 /* Run one slice of every tensor per thread; the calling thread works too. */
 static void run_parallel(const rms_record *records, int64_t n, int64_t total, const rms_rec_scalars *inv_corr,
                          const rms_scalars *c, int variant, int write_back, int stream, int num_threads) {
@@ -1722,18 +1738,8 @@ static void run_parallel(const rms_record *records, int64_t n, int64_t total, co
     for (int k = 0; k < threads; k++)
         jobs[k] = (rms_job){records, inv_corr, c, n, k, threads, total, variant, write_back, stream};
     rms_team team = {jobs, threads, 0};
-    gomp_parallel_fn gomp = atomic_load(&g_gomp_parallel);
-    if (threads == 1) {
-        team_worker(&team);
-    } else if (gomp) {
-        gomp(team_worker_omp, &team, (unsigned)threads, 0);
-    } else {
-        pthread_t handles[64];
-        int started = 0;
-        for (int k = 1; k < threads && pthread_create(&handles[started], NULL, team_worker, &team) == 0; k++) started++;
-        team_worker(&team);
-        for (int k = 0; k < started; k++) pthread_join(handles[k], NULL);
-    }
+    if (threads == 1) team_worker(&team);
+    else launch_team(team_worker, team_worker_omp, &team, threads);
 }
 
 /* Work split across threads by records, not elements: the validation, and the bookkeeping
@@ -1770,16 +1776,7 @@ static void run_records(rms_records_fn fn, void *ctx, int64_t n, int num_threads
         return;
     }
     rms_record_team team = {fn, ctx, n, threads, 0};
-    gomp_parallel_fn gomp = atomic_load(&g_gomp_parallel);
-    if (gomp) {
-        gomp(record_worker_omp, &team, (unsigned)threads, 0);
-    } else {
-        pthread_t handles[64];
-        int started = 0;
-        for (int k = 1; k < threads && pthread_create(&handles[started], NULL, record_worker, &team) == 0; k++) started++;
-        record_worker(&team);
-        for (int k = 0; k < started; k++) pthread_join(handles[k], NULL);
-    }
+    launch_team(record_worker, record_worker_omp, &team, threads);
 }
 
 /* A one-element float32 CPU tensor's value. */
