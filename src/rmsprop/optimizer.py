@@ -83,6 +83,12 @@ def _has_format(state, keys: list[str], dtype: torch.dtype) -> bool:
     return True
 
 
+def _marks(group: dict[str, Any], original: dict[str, Any] | None) -> tuple[int, int]:
+    """What RMSprop._lowbit_groups knows a group by: its params list and its dict in
+    param_groups (``original``, where ``group`` is a step's checked copy)."""
+    return id(group["params"]), id(original if original is not None else group)
+
+
 def _in_torch_format(state, p: Tensor) -> bool:
     """Whether the buffers ``state`` holds are torch's (E[g^2], grad_avg, momentum_buffer in the
     parameter's dtype; no centered variance, no int8 scales), as a group without state_dtype
@@ -343,8 +349,7 @@ class RMSprop(Optimizer):
         """Note that the group's state may be in another format than torch's (see __init__), by
         its params list and by the group in ``param_groups`` (``original``, where ``group`` is the
         step's checked copy): a group keeps its mark when either is replaced, not both."""
-        self._lowbit_groups.add(id(group["params"]))
-        self._lowbit_groups.add(id(original if original is not None else group))
+        self._lowbit_groups.update(_marks(group, original))
 
     def _formatted(self, group: dict[str, Any], p: Tensor, state: Any, target: _Format | None = None) -> dict | None:
         """``state`` in the format the group gives ``p`` (see :mod:`rmsprop.lowbit`; torch's
@@ -387,8 +392,8 @@ class RMSprop(Optimizer):
         # state_dtype switched to None: the state another format made is converted once, then
         # the group takes the steady path again (its only cost there is this one lookup)
         params = group["params"]
-        marks = (id(params), id(original if original is not None else group))
-        converting = marks[0] in self._lowbit_groups or marks[1] in self._lowbit_groups
+        marks = _marks(group, original)
+        converting = not self._lowbit_groups.isdisjoint(marks)
         if converting and all(_in_torch_format(self.state.get(p, _NO_STATE), p) for p in params):
             self._lowbit_groups.difference_update(marks)
             converting = False
@@ -532,11 +537,6 @@ class RMSprop(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        self._step_groups()
-        return loss
-
-    def _step_groups(self) -> None:
-        """One step of every group with gradients: all validated before any is written."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         created: dict[Tensor, dict[str, Any]] = {}
@@ -581,3 +581,4 @@ class RMSprop(Optimizer):
                 run()
         if not torch.compiler.is_compiling():
             self._fused_cache.sweep()
+        return loss
