@@ -7,6 +7,7 @@ probes of test_probes.py; torch.compile is in test_integration.py.
 
 from __future__ import annotations
 
+import array
 import copy
 import ctypes
 import os
@@ -18,6 +19,8 @@ import pytest
 import torch
 from cases import HALF_ULP, NAMED
 from helpers import ISA_LEVELS, ISA_PRESENT, make_grads, make_params, run, spy_kernel
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rmsprop
 import rmsprop.functional
@@ -491,6 +494,23 @@ def _reset_state(opt, ps):
     opt.state.clear()
 
 
+# What swap_tensors swapped out stays alive, so that a stale handle would name a live tensor,
+# which the step would then update instead of the one the object now holds (a wrong result, not
+# a crash; the freed case is test_probes.py's review2-1-swap-tensors, in a subprocess).
+_SWAPPED_OUT: list[torch.Tensor] = []
+
+
+def _swap_param(opt, ps):
+    # the object stays and its TensorImpl changes: only the handle comparison sees it
+    _SWAPPED_OUT.append(torch.nn.Parameter(ps[1].detach().clone()))
+    torch.utils.swap_tensors(ps[1], _SWAPPED_OUT[-1])
+
+
+def _swap_state_tensor(opt, ps):
+    _SWAPPED_OUT.append(opt.state[ps[0]]["square_avg"].clone())
+    torch.utils.swap_tensors(opt.state[ps[0]]["square_avg"], _SWAPPED_OUT[-1])
+
+
 @pytest.mark.parametrize(
     "mutate",
     [
@@ -500,6 +520,8 @@ def _reset_state(opt, ps):
         _replace_param_storage,
         _reload_state_dict,
         _reset_state,
+        _swap_param,
+        _swap_state_tensor,
     ],
     ids=[
         "state tensor replaced",
@@ -508,11 +530,16 @@ def _reset_state(opt, ps):
         "param storage replaced",
         "state dict reloaded",
         "state cleared",
+        "param swapped (swap_tensors)",
+        "state tensor swapped (swap_tensors)",
     ],
 )
-def test_the_cache_notices_every_change(mutate):
+@pytest.mark.parametrize("reader", ["C", "Python"])
+def test_the_cache_notices_every_change(mutate, reader, monkeypatch):
     """The fused backend remembers each group's tensors; whatever the user swaps, the right
-    tensors update."""
+    tensors update — whether the lists are read in C (native.LIST_READER) or in Python."""
+    if reader == "Python":
+        monkeypatch.setattr(native, "LIST_READER", None)
     params = make_params(torch.float64)
     grads = make_grads(params, steps=5)
     ps = [p.detach().clone().requires_grad_() for p in params]
@@ -545,6 +572,113 @@ def test_the_cache_declines_when_a_grad_disappears():
             p.grad = None if g is None else g.clone()
         opt.step()
     assert opt.state[ps[0]]["step"].item() == 2 and opt.state[ps[1]]["step"].item() == 4
+
+
+def test_the_list_reader_is_loaded():
+    """Never skip on CPython with a GIL: a suite that silently read the lists in Python would
+    leave the C reader untested (test_the_list_reader_answers_as_python_does)."""
+    assert native.LIST_READER is not None
+    assert native._python_layout() is not None
+
+
+def test_a_python_layout_that_reads_wrongly_is_refused():
+    """Each offset is proved by what it reads: ob_type, ob_size or cdata anywhere else is refused
+    (and the C side then never reads a list)."""
+    word = ctypes.sizeof(ctypes.c_void_p)
+    assert native._python_layout((word, 2 * word, 2 * word)) == native._python_layout()
+    wrong = [(0, 2 * word, 2 * word), (word, word, 2 * word), (word, 0, 2 * word), (word, 2 * word, 3 * word),
+             (word, 2 * word, word), (word, 2 * word, 0), (word + 4, 2 * word, 2 * word), (word, 2 * word, 99 * word)]  # fmt: skip
+    for offsets in wrong:
+        assert native._python_layout(offsets) is None, offsets
+
+
+def test_the_native_layout_setter_refuses_bad_offsets():
+    """Refused offsets leave the C reader unset: it answers nothing until a good layout is set."""
+    setter = native.LIST_READER.rmsprop_set_py_layout
+    good = native._python_layout()
+    types = (id(list), id(torch.Tensor), id(torch.nn.Parameter), id(None))
+    t = torch.zeros(1)
+    out = array.array("q", [0])
+    try:
+        for bad, objects in [((3, 16, 24, 16), types), ((8, 16, 24, -8), types), ((8, 16, 24, 4096), types),
+                             (good, (id(list), None, id(torch.nn.Parameter), id(None)))]:  # fmt: skip
+            assert setter(*bad, *objects) == -1, bad
+            assert native.LIST_READER.rmsprop_py_handles([t], 1, out.buffer_info()[0]) == -1
+            assert native.list_handles([t]) == (array.array("q", [t._cdata]), False)
+    finally:
+        assert setter(*good, *types) == 0
+    assert native.list_handles([t]) == (array.array("q", [t._cdata]), True)
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass that changes nothing (the kernel must still leave it to torch)."""
+
+
+def _pool():
+    base = torch.randn(6)
+    return [base, base[2:], torch.nn.Parameter(torch.randn(3)), torch.randn(2).as_subclass(_Marked),
+            torch.nn.Parameter(torch.randn(2)).as_subclass(_Marked), None, 1.5, "x", [base],
+            torch.randn(3).to_sparse()]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(picks=st.lists(st.integers(0, 9), max_size=6), container=st.sampled_from([list, tuple]),
+       against=st.lists(st.integers(0, 9), max_size=6), swap=st.booleans())  # fmt: skip
+def test_the_list_reader_answers_as_python_does(picks, container, against, swap):
+    """native.list_handles / all_strided / same_objects against their definitions in Python, on
+    lists of plain tensors, parameters, views, subclasses, a sparse tensor, None and things that
+    are no tensors."""
+    pool = _pool()
+    items = container(pool[i] for i in picks)
+    handles, plain = native.list_handles(items) if all(isinstance(t, torch.Tensor) for t in items) else (None, None)
+    if handles is not None:
+        assert list(handles) == [t._cdata for t in items]
+        assert plain == (container is list and bool(items) and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in items))
+        assert native.all_strided(items) == (all(t.layout is torch.strided for t in items) if plain else None)
+    else:
+        assert native.all_strided(items) is None
+        out = array.array("q", [0] * max(len(items), 1))
+        assert native.LIST_READER.rmsprop_py_handles(items, len(items), out.buffer_info()[0]) == -1
+    # same_objects: the reference list holds tensors or None (as an entry's persisted lists do)
+    reference = [pool[i] for i in against if isinstance(pool[i], torch.Tensor) or pool[i] is None]
+    objects = array.array("q", map(id, reference))
+    column = array.array("q", (0 if t is None else t._cdata for t in reference))
+    swappable = [t for t in reference if isinstance(t, torch.Tensor) and t is not pool[0] and t.layout is torch.strided]  # (pool[0] has a view)
+    if swap and swappable:
+        torch.utils.swap_tensors(swappable[0], swappable[0].detach().clone().as_subclass(type(swappable[0])))
+    answer = native.same_objects(items, objects, column)
+    if not reference or container is tuple:
+        assert answer is None
+    else:
+        expected = len(items) == len(reference) and all(
+            a is b and (a is None or a._cdata == h) for a, b, h in zip(items, reference, column, strict=False)
+        )
+        assert answer == expected
+
+
+def test_a_gradient_of_a_tensor_subclass_is_left_to_torch(monkeypatch):
+    """Step after step (the cached fast path too), a gradient whose type is a subclass goes to
+    torch's path: the kernel reads raw memory and would skip whatever the subclass does."""
+    calls = spy_kernel(monkeypatch)
+    params = make_params(torch.float32)
+    grads = make_grads(params, steps=4)
+    ps = [p.detach().clone().requires_grad_() for p in params]
+    want = [p.detach().clone().requires_grad_() for p in params]
+    opt, ref = rmsprop.RMSprop(ps, momentum=0.9), torch.optim.RMSprop(want, momentum=0.9, foreach=False)
+    for t, step in enumerate(grads):
+        for p, q, g in zip(ps, want, step, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        if t in (1, 2):
+            ps[0].grad = ps[0].grad.as_subclass(_Marked)
+        opt.step()
+        ref.step()
+    assert calls == [len(ps), len(ps) - 1, len(ps) - 1, len(ps)]
+    for a, b in zip(ps, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="subclass"):
+        fused = rmsprop.RMSprop([ps[0]], fused=True)
+        ps[0].grad = torch.ones_like(ps[0]).as_subclass(_Marked)
+        fused.step()
 
 
 def test_the_cache_does_not_travel_with_copies():

@@ -317,7 +317,10 @@ def prepare(
             "lazy_sparse=True does not support a state_dtype (lazy rows update the state row by row; "
             "low-bit blocks are cut across rows); nothing was updated"
         )
-    if not all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided))):
+    strided = fused_cpu.all_strided(grads)  # (read in C where it can be: no call per tensor)
+    if strided is None:
+        strided = all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided)))
+    if not strided:
         # sparse gradients become dense work here, before any backend is chosen
         chosen = [i for i, g in enumerate(grads) if g.layout is not torch.strided]
         sparse.check_sparse_grads(params, grads, chosen)

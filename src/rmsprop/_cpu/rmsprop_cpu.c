@@ -16,7 +16,8 @@
  * their work, as before): at::native::is_neg / is_conj, so validation refuses a lazily negated or
  * conjugated view on every step, and torch::autograd::impl::version_counter / bump_version, so a
  * step bumps the version counter of each tensor it writes between its validation and its first
- * write. Each takes a const at::Tensor&, which is such a slot too.
+ * write. Each takes a const at::Tensor&, which is such a slot too. The list reader (rmsprop_py_*,
+ * below) reads Python's lists of tensors, with the GIL held, at offsets the loader proved.
  *
  * Per element, with M the math type (float for fp32/bf16/fp16 storage, double for fp64):
  *   g  = grad * inv_grad_scale * sign                  (sign = -1 when maximize)
@@ -55,7 +56,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define RMS_ABI_VERSION 5
+#define RMS_ABI_VERSION 6
 
 /* Element kinds of a record (storage dtype); complex tensors are (re, im) pairs of f32 / f64. */
 enum { RMS_F32 = 0, RMS_F64 = 1, RMS_BF16 = 2, RMS_F16 = 3, RMS_C64 = 4, RMS_C128 = 5, RMS_KINDS = 6 };
@@ -1829,6 +1830,100 @@ int32_t rmsprop_bump_versions(const int64_t *handles, int64_t n) {
     }
     for (int64_t t = 0; t < n; t++) bump_slot(&handles[t]);
     return RMS_OK;
+}
+
+/* ----------------------------------------------------------------------- Python's lists
+ * A step over thousands of tensors needs, from Python, each gradient's TensorImpl address and
+ * proof that each cached persistent tensor is still the same object holding the same TensorImpl
+ * (torch.utils.swap_tensors keeps the object and swaps what is inside it). Read attribute by
+ * attribute in Python that is a call per tensor; the two functions below read the lists' memory
+ * instead. They are called through ctypes.PyDLL, with the GIL held (nothing can mutate the lists
+ * meanwhile), and they read CPython objects at offsets the loader handed over in
+ * rmsprop_set_py_layout after checking each one against this interpreter with a probe (the
+ * object's type, a list's size and items, a tensor's TensorImpl). Before that, and for anything
+ * they do not recognise (a tuple, a list of another length, a tensor subclass), they answer "not
+ * mine" and Python does the work as before: they never decide that something is valid that the
+ * Python path would refuse. */
+typedef struct {
+    int64_t type, size, items, impl; /* offsets: ob_type, ob_size, ob_item, THPVariable's cdata */
+    const void *list_type, *tensor_type, *parameter_type, *none;
+} rms_py_layout;
+static rms_py_layout g_py;
+static atomic_int g_py_ready = 0;
+
+static const void *py_word(const void *object, int64_t offset) {
+    const void *word;
+    memcpy(&word, (const char *)object + offset, sizeof word);
+    return word;
+}
+
+static int py_is_list(const void *object) { return object && py_word(object, g_py.type) == g_py.list_type; }
+static int64_t py_list_size(const void *list) { return (int64_t)(intptr_t)py_word(list, g_py.size); }
+static const void *const *py_list_items(const void *list) { return (const void *const *)py_word(list, g_py.items); }
+
+/* offsets of ob_type, ob_size, ob_item and THPVariable.cdata (bytes, each a word-aligned word
+ * inside its object), then the type objects of list, torch.Tensor and nn.Parameter and None. */
+int32_t rmsprop_set_py_layout(int64_t type, int64_t size, int64_t items, int64_t impl, const void *list_type,
+                              const void *tensor_type, const void *parameter_type, const void *none) {
+    const int64_t offsets[4] = {type, size, items, impl};
+    atomic_store(&g_py_ready, 0);
+    for (int k = 0; k < 4; k++)
+        if (offsets[k] < 0 || offsets[k] > 256 || offsets[k] % (int64_t)sizeof(void *)) return RMS_BAD_ARGUMENT;
+    if (!list_type || !tensor_type || !parameter_type || !none) return RMS_BAD_ARGUMENT;
+    g_py = (rms_py_layout){type, size, items, impl, list_type, tensor_type, parameter_type, none};
+    atomic_store(&g_py_ready, 1);
+    return RMS_OK;
+}
+
+/* out[i] = the TensorImpl address of list[i]. 1 when `list` is a list of n > 0 items, each exactly
+ * a torch.Tensor or nn.Parameter (out then holds all n); -1 when it is not (out may be partly
+ * written) or before the layout is set: not answered. */
+int32_t rmsprop_py_handles(const void *list, int64_t n, int64_t *out) {
+    if (!atomic_load(&g_py_ready) || !out || n <= 0 || !py_is_list(list) || py_list_size(list) != n) return -1;
+    const void *const *items = py_list_items(list);
+    for (int64_t i = 0; i < n; i++) {
+        const void *type = py_word(items[i], g_py.type);
+        if (type != g_py.tensor_type && type != g_py.parameter_type) return -1;
+        out[i] = (int64_t)(intptr_t)py_word(items[i], g_py.impl);
+    }
+    return 1;
+}
+
+/* 1 when `list` is a list of n > 0 items, each exactly a torch.Tensor or nn.Parameter with a
+ * strided layout; 0 when such a list holds a tensor of another layout (a sparse gradient); -1
+ * when it is not such a list, or torch's functions are not loaded: not answered. */
+int32_t rmsprop_py_all_strided(const void *list, int64_t n) {
+    if (!atomic_load(&g_py_ready) || !atomic_load(&g_api_ready) || n <= 0 || !py_is_list(list) ||
+        py_list_size(list) != n)
+        return -1;
+    const void *const *items = py_list_items(list);
+    int32_t answer = 1;
+    for (int64_t i = 0; i < n; i++) {
+        const void *type = py_word(items[i], g_py.type);
+        if (type != g_py.tensor_type && type != g_py.parameter_type) return -1;
+        int64_t impl = (int64_t)(intptr_t)py_word(items[i], g_py.impl);
+        int32_t layout;
+        if (g_api.layout(&impl, &layout)) return -1;
+        if (layout != g_api.layout_strided) answer = 0;
+    }
+    return answer;
+}
+
+/* 1 when `list` holds n > 0 items and item i is the object objects[i] holding the TensorImpl
+ * handles[i] (an item that is None: handles[i] is 0); 0 when it does not; -1 when `list` is not
+ * a list or before the layout is set: not answered. objects[i] must be a tensor or None that the
+ * caller keeps alive: only an item identical to it is read, so no other object is dereferenced. */
+int32_t rmsprop_py_same(const void *list, int64_t n, const int64_t *objects, const int64_t *handles) {
+    if (!atomic_load(&g_py_ready) || !objects || !handles || n <= 0 || !py_is_list(list)) return -1;
+    if (py_list_size(list) != n) return 0;
+    const void *const *items = py_list_items(list);
+    for (int64_t i = 0; i < n; i++) {
+        if ((int64_t)(intptr_t)items[i] != objects[i]) return 0;
+        if (items[i] == g_py.none ? handles[i] != 0
+                                  : (int64_t)(intptr_t)py_word(items[i], g_py.impl) != handles[i])
+            return 0;
+    }
+    return 1;
 }
 
 /* The persistent tensors of record t (everything but the gradient) as in the previous step. */

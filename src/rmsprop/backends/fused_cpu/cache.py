@@ -18,6 +18,7 @@ tensor lives.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -41,6 +42,8 @@ class Entry(PersistedEntry):
             (native.handles(lst) if k < 5 else native.optional_handles(lst)) if lst else None
             for k, lst in enumerate(self.persisted)
         )
+        # the ids of the objects, for the list reader's identity check (kept alive by persisted)
+        self.objects = tuple(array("q", map(id, lst)) if lst else None for lst in self.persisted)
         n = len(self.persisted[0])
         self.records = bytearray(native.memo_size(n))  # the kernel's memory of the last step
         self.excluded = bytearray(n)  # nonzero: the kernel does not take this record (its status)
@@ -51,11 +54,28 @@ class Entry(PersistedEntry):
         self.grad_caused = False  # an exclusion came from a gradient (it may differ next step)
         self.records_address = native.buffer_address(self.records)
 
-    def same_impls(self, persisted: tuple[Sequence[Tensor], ...]) -> bool:
-        """True when each tensor object still holds the TensorImpl its handle names.
-        torch.utils.swap_tensors (nn.Module's load_state_dict(assign=True), .to() with
-        swap_module_params_on_conversion) keeps the Python objects and swaps what is inside
-        them: the handle would then name another tensor, possibly a freed one."""
+    def matches(self, persisted: tuple[Sequence[Tensor], ...]) -> bool:
+        """True when ``persisted`` holds exactly these tensor objects, list by list, and each
+        still holds the TensorImpl its handle names. torch.utils.swap_tensors (nn.Module's
+        load_state_dict(assign=True), .to() with swap_module_params_on_conversion) keeps the
+        Python objects and swaps what is inside them: the handle would then name another
+        tensor, possibly a freed one. Read in C where the lists are lists (native.same_objects:
+        no Python call per tensor), else in Python."""
+        if len(self.persisted) != len(persisted):
+            return False
+        for objects, column, tensors in zip(self.objects, self.columns, persisted, strict=True):
+            if objects is None:
+                if tensors:
+                    return False
+                continue
+            same = native.same_objects(tensors, objects, column)
+            if same is None:
+                return super().matches(persisted) and self._same_impls(persisted)
+            if not same:
+                return False
+        return True
+
+    def _same_impls(self, persisted: tuple[Sequence[Tensor], ...]) -> bool:
         for k, (column, tensors) in enumerate(zip(self.columns, persisted, strict=True)):
             if column is not None and column != (native.handles(tensors) if k < 5 else native.optional_handles(tensors)):
                 return False

@@ -156,13 +156,14 @@ def _to_c(option, value):
 
 
 def _python_exclusions(
-    lists: Lists6, status: bytearray, grads_only: bool = False, conj: bool = True, scales=()
+    lists: Lists6, status: bytearray, grads_only: bool = False, conj: bool = True, scales=(), types: bool = True
 ) -> None:
     """Mark (in ``status``) the records Python must keep from the kernel: subclasses and, where
     the kernel cannot read them itself (native.READS_BITS), tensors with a negative or
     (``conj``: only complex tensors can have it) conjugate bit. Runs as map() over each list: no
     bytecode per tensor. ``scales``: the int8 scales lists (None entries where a record has
-    none), reported as their buffer's."""
+    none), reported as their buffer's. ``types=False``: the lists are known to hold plain
+    tensors only (read so in C), and only the bits are checked."""
     bits = not native.READS_BITS
     if not grads_only:
         for which, tensors in zip((2, 3, 4), scales, strict=False):
@@ -172,7 +173,7 @@ def _python_exclusions(
     for which, tensors in enumerate(lists):
         if not tensors or (grads_only and which != 1):
             continue
-        if not set(map(type, tensors)) <= _PLAIN:
+        if types and not set(map(type, tensors)) <= _PLAIN:
             for i, t in enumerate(tensors):
                 if type(t) not in _PLAIN and not status[i]:
                     status[i] = _ST_SUBCLASS | (which << _WHICH_SHIFT)
@@ -280,11 +281,14 @@ def prepare(
     call = _Call(lr, rule, kinds, grad_scale, found_inf)
     grads_written = grad_scale is not None
     entry = cache.lookup(persisted) if cache is not None else None
-    if entry is not None and ((entry.kinds, entry.required) != (kinds, required) or not entry.same_impls(persisted)):
+    if entry is not None and (entry.kinds, entry.required) != (kinds, required):
         entry = None
 
+    grad_column, plain_grads = native.list_handles(grads)
     grad_status = bytearray(n)
-    _python_exclusions(lists, grad_status, grads_only=True, conj=entry is None or entry.has_complex)
+    _python_exclusions(
+        lists, grad_status, grads_only=True, conj=entry is None or entry.has_complex, types=not plain_grads
+    )
     if entry is not None:
         # `t.data = t.data.conj()` (or the private _neg_view) keeps the object and its address:
         # the bits are the one thing the kernel's memory of the last step cannot see change.
@@ -294,7 +298,6 @@ def prepare(
             entry = None
         elif grads_written:
             _check_inference([grads])  # unscaled in place
-    grad_column = native.handles(grads)
 
     def full() -> tuple[Entry, Callable[[], None] | None, list[int]]:
         """Validate everything from scratch: Python's checks, then the kernel's."""

@@ -14,6 +14,10 @@ uses foreach, and ``fused=True`` raises):
   C side exports: the ``rms_call`` struct must hold exactly the option table's Rule fields;
 - that the handles work: a probe tensor converted through the library gives torch's own values.
 
+The list reader (:data:`LIST_READER`: the same library through ``ctypes.PyDLL``, called with the
+GIL held) reads Python's lists of tensors in C once :func:`_python_layout` has proved the CPython
+offsets it reads on live objects and :func:`_probe_list_reader` its answers; else Python reads them.
+
 ``RMSPROP_NATIVE_LIB`` names another build of the library to load (the sanitizer build of
 ``scripts/sanitize.sh``).
 """
@@ -25,17 +29,19 @@ import importlib.util
 import operator
 import os
 import sys
+import sysconfig
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ...options import RULE_OPTIONS
 
 __all__ = ["LIB", "load_error", "is_available", "Lists", "Call", "LIST_NAMES", "handles", "memo_size"]
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 # Element kinds of the C side, in its order, and the dtypes they are.
 KINDS = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
 LIST_NAMES = ("param", "grad", "square_avg", "grad_avg", "momentum_buffer", "step")
@@ -373,7 +379,130 @@ def _torch_openmp_entry() -> int | None:
     return None
 
 
+def _python_layout(offsets: tuple[int, int, int] | None = None) -> tuple[int, int, int, int] | None:
+    """The offsets of ob_type, ob_size, ob_item and THPVariable's cdata in this interpreter, each
+    checked by reading it on live objects; None where any reads something else, or where the GIL
+    does not serialise access to lists. ``offsets``: those of ob_type, ob_size and cdata to check
+    instead of one word each in order (the tests' wrong layouts). ob_item is the word after
+    ob_size (PyListObject: PyObject_VAR_HEAD, ob_item, allocated; its basic size is checked):
+    the one word read as an address, and only once the words before it are verified, so that a
+    wrong layout gives wrong values, never a fault."""
+    if sys.implementation.name != "cpython" or sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None
+    word = ctypes.sizeof(ctypes.c_void_p)
+    type_at, size_at, impl_at = offsets or (word, 2 * word, 2 * word)
+    items_at = size_at + word
+    # (a debug build's extra header fields show here, before any read)
+    if (object.__basicsize__, list.__basicsize__) != (2 * word, 5 * word) or not (
+        0 <= type_at < object.__basicsize__
+        and 0 <= size_at < 3 * word
+        and 0 <= impl_at < Tensor.__basicsize__
+        and all(offset % word == 0 for offset in (type_at, size_at, impl_at))
+    ):
+        return None
+
+    def read(address: int) -> int:
+        return ctypes.c_void_p.from_address(address).value or 0
+
+    sample = [torch.zeros(2), torch.nn.Parameter(torch.zeros(3)), torch.zeros(4)[1:], None, torch.zeros(())]
+    if read(id(sample) + type_at) != id(list) or read(id(sample) + size_at) != len(sample):
+        return None
+    items = read(id(sample) + items_at)
+    for i, item in enumerate(sample):
+        if read(items + i * word) != id(item) or read(id(item) + type_at) != id(type(item)):
+            return None
+        if item is not None and read(id(item) + impl_at) != item._cdata:
+            return None
+    return type_at, size_at, items_at, impl_at
+
+
+def _load_list_reader(lib: ctypes.CDLL | None) -> ctypes.PyDLL | None:
+    """The library again, called with the GIL held (ctypes.PyDLL), for rmsprop_py_handles and
+    rmsprop_py_same; None where the interpreter's layout is not the one they read, or where
+    they fail their probe (Python then reads the lists itself)."""
+    layout = _python_layout() if lib is not None else None
+    if layout is None:
+        return None
+    try:
+        py = ctypes.PyDLL(lib._name)
+        py.rmsprop_set_py_layout.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4
+        py.rmsprop_set_py_layout.restype = ctypes.c_int32
+        py.rmsprop_py_handles.argtypes = [ctypes.py_object, ctypes.c_int64, ctypes.c_void_p]
+        py.rmsprop_py_handles.restype = ctypes.c_int32
+        py.rmsprop_py_same.argtypes = [ctypes.py_object, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        py.rmsprop_py_same.restype = ctypes.c_int32
+        py.rmsprop_py_all_strided.argtypes = [ctypes.py_object, ctypes.c_int64]
+        py.rmsprop_py_all_strided.restype = ctypes.c_int32
+    except (OSError, AttributeError):
+        return None
+    if py.rmsprop_set_py_layout(*layout, id(list), id(Tensor), id(torch.nn.Parameter), id(None)) != 0:
+        return None
+    if not _probe_list_reader(py):
+        py.rmsprop_set_py_layout(0, 0, 0, 0, None, None, None, None)  # (refused: leaves it unset)
+        return None
+    return py
+
+
+def _probe_list_reader(py: ctypes.PyDLL) -> bool:
+    """True when the list reader answers as Python would on lists it must read and refuse."""
+    a, b = torch.zeros(2), torch.nn.Parameter(torch.zeros(3))
+    sub = torch.zeros(1).as_subclass(type("_Probe", (Tensor,), {}))
+    out = array("q", [0, 0])
+    if py.rmsprop_py_handles([a, b], 2, out.buffer_info()[0]) != 1 or list(out) != [a._cdata, b._cdata]:
+        return False
+    refused = [((a, b), 2), ([a, b], 3), ([a, sub], 2), ([a, 1.0], 2), ([], 0)]
+    if any(py.rmsprop_py_handles(lst, n, out.buffer_info()[0]) != -1 for lst, n in refused):
+        return False
+    objects, column = array("q", [id(a), id(None)]), array("q", [a._cdata, 0])
+    kept = [a, None]
+
+    def same(lst, n=2) -> int:
+        return py.rmsprop_py_same(lst, n, objects.buffer_info()[0], column.buffer_info()[0])
+
+    before = same(kept), same([b, None]), same([a, a]), same([a]), same((a, None))
+    sparse = torch.zeros(3).to_sparse()
+    strided = (py.rmsprop_py_all_strided([a, b], 2), py.rmsprop_py_all_strided([a, sparse], 2),
+               py.rmsprop_py_all_strided([a, sub], 2), py.rmsprop_py_all_strided((a, b), 2),
+               py.rmsprop_py_all_strided([a, b], 1))  # fmt: skip
+    c = torch.ones(2)
+    torch.utils.swap_tensors(a, c)  # a keeps its object and gets another TensorImpl
+    return before == (1, 0, 0, 0, -1) and same(kept) == 0 and strided == (1, 0, -1, -1, -1)
+
+
+def list_handles(tensors: Sequence[torch.Tensor]) -> tuple[array, bool]:
+    """:func:`handles`, and whether every item was read in C as exactly a torch.Tensor or
+    nn.Parameter (False: read in Python, whatever the items are)."""
+    n = len(tensors)
+    if LIST_READER is not None and n:
+        out = array("q", bytes(8 * n))
+        if LIST_READER.rmsprop_py_handles(tensors, n, out.buffer_info()[0]) == 1:
+            return out, True
+    return handles(tensors), False
+
+
+def same_objects(tensors: Sequence, objects: array, column: array) -> bool | None:
+    """Whether ``tensors`` holds, item by item, the objects whose ids are ``objects`` (kept alive by
+    the caller), each still holding the TensorImpl ``column`` names (0: the item is None); None
+    when C cannot answer (no list reader, or ``tensors`` is not a list)."""
+    if LIST_READER is None or not objects:
+        return None
+    answer = LIST_READER.rmsprop_py_same(tensors, len(objects), objects.buffer_info()[0], column.buffer_info()[0])
+    return None if answer < 0 else bool(answer)
+
+
+def all_strided(tensors: Sequence[torch.Tensor]) -> bool | None:
+    """Whether every tensor of ``tensors`` has a strided layout, read in C; None when C cannot
+    answer (no list reader, not a list, an item that is not exactly a torch.Tensor or
+    nn.Parameter)."""
+    if LIST_READER is None or not tensors:
+        return None
+    answer = LIST_READER.rmsprop_py_all_strided(tensors, len(tensors))
+    return None if answer < 0 else bool(answer)
+
+
 LIB, _LOAD_ERROR = _load()
+# Reads Python's lists of tensors in C (None: Python reads them).
+LIST_READER = _load_list_reader(LIB)
 # The kernel bumps the version counters of what it writes (else the caller does, in Python).
 BUMPS_VERSIONS = LIB is not None and bool(LIB.rmsprop_bumps_versions())
 # The kernel refuses (status 14) every tensor with a negative or conjugate bit (else the caller
