@@ -34,6 +34,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def caused_by_ctrl_c(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt stands behind ``exc`` (as its cause or context, at any depth).
+
+    CPython 3.11 re-raises an exception from a class's ``__set_name__`` (every dataclass field,
+    every ``functools.cached_property``) as the cause of a RuntimeError, so a Ctrl-C that lands
+    while a module is being imported can arrive as one."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def _import_what_a_first_step_imports() -> None:
+    """Import torch._dynamo now, before a command starts its work: torch imports it (about 900
+    modules, a second or more) on an optimizer's first ``step`` or ``zero_grad``. A Ctrl-C that
+    lands inside those imports can be turned into a RuntimeError (above), or swallowed by an
+    ``except Exception`` around an optional import, so the command would run on."""
+    import torch._dynamo  # noqa: F401
+
+
 def _user_facing(prog: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[..., int]]:
     """Run a command handler with the CLI's manners: UserError -> one line, exit 2; Ctrl-C -> one
     line, exit 130 (anything the handler was writing is its job to write atomically)."""
@@ -42,11 +65,14 @@ def _user_facing(prog: str) -> Callable[[Callable[[argparse.Namespace], int]], C
         @functools.wraps(handler)
         def run(args: argparse.Namespace) -> int:
             try:
+                _import_what_a_first_step_imports()
                 return handler(args)
             except UserError as exc:
                 print(f"{prog}: error: {exc}", file=sys.stderr)
                 return EXIT_USAGE
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, Exception) as exc:
+                if not caused_by_ctrl_c(exc):
+                    raise
                 print(f"\n{prog}: interrupted; no results were written", file=sys.stderr)
                 return EXIT_INTERRUPTED
 
@@ -227,9 +253,11 @@ def _compare(args: argparse.Namespace) -> int:
         )
         results["setup"]["run"] = run_details(time.perf_counter() - start, workers, " ".join(sys.argv))
         paths = report.write(results, out)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as exc:
+        if not caused_by_ctrl_c(exc):
+            raise
         print("\nrmsprop compare: interrupted; the workers are stopped and no report was written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     primary = [c for c in results["claims"] if c["primary"]]
     width = max((len(c["claim"]) for c in primary), default=5)
     print(f"\n{'claim':<{width}}  verdict ({primary[0]['rmsprop'] if primary else 'RMSProp'})")
@@ -375,7 +403,9 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except KeyboardInterrupt:  # Ctrl-C while torch is still importing
+    except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C while torch is still importing
+        if not caused_by_ctrl_c(exc):
+            raise
         print("\nrmsprop: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return args.run(args)
