@@ -722,12 +722,23 @@ typedef struct {
     double inv_scale, sign, wd, decay, alpha, one_minus_alpha, eps, lr, mu, k_buf, k_par;
 } rms_scalars;
 
+/* Software prefetch RMS_AHEAD bytes ahead of each stream the element loops read. Their
+ * arithmetic (an IEEE division and square root per element) keeps too few loads in flight for
+ * the hardware prefetcher to hide memory; measured on a 2-vCPU Xeon (AVX-512), 10 x 1M, two
+ * threads, interleaved processes: bf16 5.3 -> 2.6 ms, fp16 3.6 -> 2.4, bf16 momentum+centered
+ * 5.4 -> 4.0, fp32 4.6 -> 4.2. A prefetch never faults, and the address is computed as an
+ * integer, so reaching past a tensor's end reads nothing and is no pointer arithmetic out of
+ * bounds. */
+#define RMS_AHEAD 2048
+#define RMS_PREFETCH(ptr) __builtin_prefetch((const void *)((uintptr_t)(ptr) + RMS_AHEAD), 0, 3)
+
 /* ------------------------------------------------------------------ the element loop
  * DEFINE_LOOP(NAME, S, M, SQRT, LOAD, STORE): S is the storage type, M the math type, SQRT its
  * square root (sqrtf for float: plain sqrt would widen every element to double). The loop body is
  * one always-inline function whose last five arguments are compile-time constants at each of
  * the 48 call sites in the dispatcher below, so GCC emits straight-line vectorised loops. The
  * restrict promises hold because mark_overlaps refused every record whose memory overlaps. */
+#define RMS_CHUNK 256
 #define DEFINE_LOOP(NAME, S, M, SQRT, LOAD, STORE)                                                    \
     RMS_INLINE void NAME##_body(S *restrict p_, S *restrict g_, S *restrict v_, S *restrict m_,   \
                                 S *restrict b_, int64_t n, const rms_scalars *c, M inv_corr,      \
@@ -741,7 +752,16 @@ typedef struct {
             for (int64_t i = 0; i < n; i++) g_[i] = STORE(LOAD(g_[i]) * inv_scale);              \
         }                                                                                         \
         const M gscale = write_back ? sign : inv_scale * sign;                                    \
-        for (int64_t i = 0; i < n; i++) {                                                         \
+        /* in chunks of RMS_CHUNK elements, each first prefetching a line at a time ahead (a   \
+         * prefetch inside the element loop would keep GCC from vectorising it) */             \
+        for (int64_t i0 = 0; i0 < n; i0 += RMS_CHUNK) {                                          \
+          const int64_t end = n - i0 < RMS_CHUNK ? n : i0 + RMS_CHUNK;                             \
+          for (int64_t k = i0; k < end; k += 64 / (int64_t)sizeof(S)) {                           \
+            RMS_PREFETCH(g_ + k); RMS_PREFETCH(p_ + k); RMS_PREFETCH(v_ + k);                      \
+            if (centered) RMS_PREFETCH(m_ + k);                                                    \
+            if (mom_kind) RMS_PREFETCH(b_ + k);                                                    \
+          }                                                                                        \
+          for (int64_t i = i0; i < end; i++) {                                                     \
             M g = LOAD(g_[i]);                                                                    \
             M p = LOAD(p_[i]);                                                                    \
             if (!plain) g = g * gscale;                                                           \
@@ -768,6 +788,7 @@ typedef struct {
             }                                                                                     \
             v_[i] = STORE(v);                                                                     \
             p_[i] = STORE(p);                                                                     \
+          }                                                                                        \
         }                                                                                         \
     }                                                                                             \
     RMS_CLONES static void NAME(S *p, S *g, S *v, S *m, S *b, int64_t n, const rms_scalars *c,    \
@@ -982,8 +1003,14 @@ RMS_AVX2 static inline void vstore_f16(uint16_t *x, __m256 f) {
         if (write_back) { /* AMP: unscale the gradient in place, as GradScaler.unscale_ would */   \
             for (int64_t i = 0; i < whole; i += LANES) VSTORE(g_ + i, VOP(W, mul)(VLOAD(g_ + i), inv_scale)); \
         }                                                                                           \
-        for (int64_t i = 0; i < whole; i += LANES)                                                  \
+        for (int64_t i = 0; i < whole; i += LANES) {                                                \
+            if ((i & 31) == 0) { /* a line of each stream ahead, every 64 bytes (RMS_AHEAD) */     \
+                RMS_PREFETCH(g_ + i); RMS_PREFETCH(p_ + i); RMS_PREFETCH(v_ + i);                   \
+                if (centered) RMS_PREFETCH(m_ + i);                                                 \
+                if (mom_kind) RMS_PREFETCH(b_ + i);                                                 \
+            }                                                                                       \
             RMS_VBODY(W, VLOAD, VSTORE, p_ + i, g_ + i, v_ + i, m_ + i, b_ + i);                    \
+        }                                                                                           \
         if (whole < n) { /* the tail, on one-vector copies (the extra lanes are never stored) */   \
             const int64_t k = n - whole;                                                            \
             uint16_t P[LANES] = {0}, G[LANES] = {0}, V[LANES] = {0}, M[LANES] = {0}, B[LANES] = {0}; \
