@@ -9,10 +9,13 @@ half-written results (files are written whole, at the end, or not at all).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,26 +38,53 @@ class _Parser(argparse.ArgumentParser):
 
 
 def caused_by_ctrl_c(exc: BaseException) -> bool:
-    """Whether a KeyboardInterrupt stands behind ``exc`` (as its cause or context, at any depth).
+    """Whether a KeyboardInterrupt stands behind ``exc``: as its cause or context, or inside an
+    exception group, at any depth.
 
     CPython 3.11 re-raises an exception from a class's ``__set_name__`` (every dataclass field,
     every ``functools.cached_property``) as the cause of a RuntimeError, so a Ctrl-C that lands
     while a module is being imported can arrive as one."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
+    pending, seen = [exc], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, KeyboardInterrupt):
             return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen.add(id(e))
+        pending += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
     return False
 
 
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Hold a Ctrl-C pressed inside the block until the block ends, then raise it.
+
+    For imports: a KeyboardInterrupt raised inside a library's import can be swallowed by an
+    ``except Exception`` around an optional import (after CPython 3.11 has turned it into a
+    RuntimeError, above), and the command would run on as if nothing was pressed. Only where
+    Ctrl-C has Python's own handler (not ignored, not a caller's), on the main thread."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    pressed: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def _import_what_a_first_step_imports() -> None:
-    """Import torch._dynamo now, before a command starts its work: torch imports it (about 900
-    modules, a second or more) on an optimizer's first ``step`` or ``zero_grad``. A Ctrl-C that
-    lands inside those imports can be turned into a RuntimeError (above), or swallowed by an
-    ``except Exception`` around an optional import, so the command would run on."""
-    import torch._dynamo  # noqa: F401
+    """Import torch._dynamo now, before a command starts its work, with Ctrl-C held: torch
+    imports it (about 900 modules, a second or more) on an optimizer's first ``step`` or
+    ``zero_grad``, where a Ctrl-C could be swallowed (above)."""
+    with _ctrl_c_held():
+        import torch._dynamo  # noqa: F401
 
 
 def _user_facing(prog: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[..., int]]:
@@ -232,15 +262,18 @@ def _compare(args: argparse.Namespace) -> int:
         )
     out = _compare_output_folder(args.out)
 
-    from tqdm import tqdm
-
-    from .experiments import report
-    from .experiments.optimizers import STATE_FORMAT_STUDY
-    from .experiments.runner import default_workers, run_compare, run_details
-
-    workers = args.workers or default_workers()
+    workers = args.workers
     start = time.perf_counter()
     try:
+        with _ctrl_c_held():  # matplotlib, scikit-learn and torch._dynamo: see _ctrl_c_held
+            from tqdm import tqdm
+
+            from .experiments import report
+            from .experiments.optimizers import STATE_FORMAT_STUDY
+            from .experiments.runner import default_workers, run_compare, run_details
+
+            _import_what_a_first_step_imports()
+        workers = workers or default_workers()
         results = run_compare(
             quick=args.quick,
             tasks=args.tasks,
