@@ -262,8 +262,6 @@ def _compare(args: argparse.Namespace) -> int:
         )
     out = _compare_output_folder(args.out)
 
-    workers = args.workers
-    start = time.perf_counter()
     try:
         with _ctrl_c_held():  # matplotlib, scikit-learn and torch._dynamo: see _ctrl_c_held
             from tqdm import tqdm
@@ -273,7 +271,8 @@ def _compare(args: argparse.Namespace) -> int:
             from .experiments.runner import default_workers, run_compare, run_details
 
             _import_what_a_first_step_imports()
-        workers = workers or default_workers()
+        workers = args.workers or default_workers()
+        start = time.perf_counter()  # the runs' time, as before: not the imports'
         results = run_compare(
             quick=args.quick,
             tasks=args.tasks,
