@@ -199,14 +199,6 @@ def _swallows_a_ctrl_c_pressed_inside():
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT")
 def test_a_ctrl_c_inside_the_imports_is_held_not_lost(monkeypatch, capsys, tmp_path):
     # Python's own handler, as in a terminal (a suite run as a background job has SIGINT ignored)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        _held_not_lost(monkeypatch, capsys, tmp_path)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _held_not_lost(monkeypatch, capsys, tmp_path):
     ran = []
     monkeypatch.setattr(runner, "run_bench", lambda **kwargs: ran.append(1) or {"configs": [], "machine": {}, "quick": True})
 
@@ -215,12 +207,16 @@ def _held_not_lost(monkeypatch, capsys, tmp_path):
             _swallows_a_ctrl_c_pressed_inside()
 
     monkeypatch.setattr(cli, "_import_what_a_first_step_imports", imports)
-    assert cli.main(["bench", "--quick", "--out", str(tmp_path / "o")]) == 130
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli.main(["bench", "--quick", "--out", str(tmp_path / "o")]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+        with cli._ctrl_c_held():  # nothing pressed: nothing raised
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err.strip() == "rmsprop bench: interrupted; no results were written"
     assert not ran and not (tmp_path / "o").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
-    with cli._ctrl_c_held():  # nothing pressed: nothing raised
-        pass
 
 
 def test_an_error_with_an_interrupt_anywhere_in_its_chain_counts_as_one():
