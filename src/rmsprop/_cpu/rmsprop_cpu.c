@@ -725,8 +725,8 @@ typedef struct {
 /* Software prefetch RMS_AHEAD bytes ahead of each stream the element loops read. Their
  * arithmetic (an IEEE division and square root per element) keeps too few loads in flight for
  * the hardware prefetcher to hide memory; measured on a 2-vCPU Xeon (AVX-512), 10 x 1M, two
- * threads, interleaved processes: bf16 5.3 -> 2.6 ms, fp16 3.6 -> 2.4, bf16 momentum+centered
- * 5.4 -> 4.0, fp32 4.6 -> 4.2. A prefetch never faults, and the address is computed as an
+ * threads, interleaved processes: bf16 5.0 -> 2.6 ms, fp16 3.3 -> 2.4, bf16 momentum+centered
+ * 5.7 -> 4.1, fp32 4.6 -> 4.2 (the figures of README and CHANGELOG). A prefetch never faults, and the address is computed as an
  * integer, so reaching past a tensor's end reads nothing and is no pointer arithmetic out of
  * bounds. */
 #define RMS_AHEAD 2048
