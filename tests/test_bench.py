@@ -26,10 +26,29 @@ def test_bench_reports_every_implementation_and_the_bound(tmp_path, monkeypatch)
     assert row["results"][runner.BASELINE]["speedup_vs_torch_foreach"] == 1.0
     for r in row["results"].values():
         assert r["step_ms"] > 0 and abs(r["gb_per_s"] - 36 * row["elements"] / r["step_ms"] / 1e6) < 1e-6
-    assert row["results"][runner.BOUND]["validation_ms"] > 0  # the bound's own checks, timed alone
+    bound = row["results"][runner.BOUND]
+    assert bound["validation_ms"] > 0 and bound["grad_reads_ms"] > 0  # its per-tensor probes, timed alone
     paths = runner.save(results, tmp_path, plot=False)
     assert json.loads(paths[0].read_text())["machine"]["torch"] == torch.__version__
-    assert "| tiny fp32 |" in paths[1].read_text()
+    table = paths[1].read_text()
+    assert "| tiny fp32 |" in table and "| p.grad reads |" in table
+    head, sep, tiny = [line for line in table.splitlines() if line.startswith("|")][:3]
+    assert head.count("|") == sep.count("|") == tiny.count("|")  # every row has every column
+    assert tiny.endswith(f"| {bound['validation_ms']:.2f} ms | {bound['grad_reads_ms']:.2f} ms |")
+
+
+def test_the_bounds_grad_probe_reads_every_parameters_grad(monkeypatch):
+    """The p.grad probe reads torch's getter on every parameter of the configuration."""
+    config = runner.Config("three", ((4,), (5,), (6,)))
+    made = runner._tensors(config)
+    monkeypatch.setattr(runner, "_tensors", lambda config: made)
+    read = []
+    monkeypatch.setattr(runner, "_GRAD", lambda p: read.append(p) or p.grad)
+    _, extra = runner._prepare(config, runner.BOUND)
+    extra["_after_stream"]["grad_reads_ms"]()
+    assert [id(p) for p in read] == [id(p) for p in made]
+    monkeypatch.undo()
+    assert all(runner._GRAD(p) is p.grad for p in made)
 
 
 def test_stream_bound_moves_the_bytes_it_claims():

@@ -14,12 +14,15 @@ configuration that moves other bytes (bf16, momentum, centered), the bound's tim
 at the measured streaming bandwidth. The bound validates every tensor on every call, as a step
 does; its row also reports that validation alone (``validation_ms``, the kernel's check mode over
 the same fp32 tensors): with thousands of small tensors, touching each one's metadata is a
-visible part of the bound's time, and it is not memory traffic.
+visible part of the bound's time, and it is not memory traffic. Beside it, ``grad_reads_ms``:
+reading every parameter's ``.grad`` through torch's getter, which any optimizer on torch's API
+does first on every step (the fused path too), after a stream as a step finds the objects.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import os
 import platform
 import statistics
@@ -101,6 +104,7 @@ IMPLEMENTATIONS: dict[str, Factory] = {
 BASELINE = "torch foreach"
 COMPILED = "torch.compile(torch)"
 BOUND = "bandwidth bound"
+_GRAD = operator.attrgetter("grad")  # (as the optimizer reads them: map over a C getter)
 
 
 def _tensors(config: Config, seed: int = 0) -> list[torch.Tensor]:
@@ -122,7 +126,11 @@ def _prepare(config: Config, name: str) -> tuple[Callable[[], object], dict]:
         fp32 = [p.detach().float() for p in params]
         grads = [p.grad.float() for p in params]
         avgs = [torch.ones_like(p) for p in fp32]
-        extra["_validation"] = stream_bound(fp32, grads, avgs, check_only=True)
+        extra["_after_stream"] = {
+            "validation_ms": stream_bound(fp32, grads, avgs, check_only=True),
+            # what any optimizer on torch's API reads first: every parameter's gradient
+            "grad_reads_ms": lambda: list(map(_GRAD, params)),
+        }
         return stream_bound(fp32, grads, avgs), extra
     if name == COMPILED:
         _cold_compile_caches()
@@ -149,26 +157,30 @@ def _measure_side_by_side(config: Config, names: list[str], quick: bool) -> dict
         for _ in range(warmup):
             steps[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    # the bound's own validation of every tensor, timed alone, each call right after a stream
-    # has pushed the tensors' metadata out of the cache, as in the bound itself (see bound.py)
-    validations = {name: extras[name].pop("_validation") for name in names if "_validation" in extras[name]}
-    checks: dict[str, list[float]] = {name: [] for name in validations}
+    # the bound's per-tensor probes (its own validation of every tensor, and the reads of every
+    # parameter's .grad), each timed alone right after a stream has pushed the tensors' metadata
+    # out of the cache, as a step finds it (see bound.py)
+    probes = {name: extras[name].pop("_after_stream") for name in names if "_after_stream" in extras[name]}
+    probe_times: dict[str, dict[str, list[float]]] = {
+        name: {key: [] for key in fns} for name, fns in probes.items()
+    }
     for _ in range(repeats):
         for name in names:
             start = time.perf_counter()
             for _ in range(per):
                 steps[name]()
             samples[name].append((time.perf_counter() - start) / per)
-            if name in validations:
+            for key, probe in probes.get(name, {}).items():
                 seconds = 0.0
                 for _ in range(per):
                     steps[name]()
                     start = time.perf_counter()
-                    validations[name]()
+                    probe()
                     seconds += time.perf_counter() - start
-                checks[name].append(seconds / per)
-    for name, times in checks.items():
-        extras[name]["validation_ms"] = statistics.median(times) * 1e3
+                probe_times[name][key].append(seconds / per)
+    for name, times in probe_times.items():
+        for key, values in times.items():
+            extras[name][key] = statistics.median(values) * 1e3
     out = {}
     for name in names:
         seconds = statistics.median(samples[name])
@@ -313,7 +325,10 @@ def format_row(row: dict) -> str:
     for impl, r in row["results"].items():
         extra = f"  (compile {r['compile_s']:.1f} s)" if "compile_s" in r else ""
         if "validation_ms" in r:
-            extra = f"  (its validation of the fp32 tensors alone: {r['validation_ms']:.2f} ms)"
+            extra = (
+                f"  (alone, after a stream: its validation of the fp32 tensors {r['validation_ms']:.2f} ms, "
+                f"reading every p.grad {r['grad_reads_ms']:.2f} ms)"
+            )
         lines.append(
             f"  {impl:<24}{r['step_ms']:>9.2f}{r['steps_per_s']:>9.1f}{r['gelem_per_s']:>9.2f}"
             f"{r['gb_per_s']:>8.1f}{r['speedup_vs_torch_foreach']:>17.2f}x{extra}"
@@ -327,8 +342,8 @@ def markdown_table(results: dict) -> str:
     impls = [
         i for i in [*IMPLEMENTATIONS, COMPILED, BOUND] if any(i in c["results"] for c in results["configs"])
     ]
-    head = "| configuration | " + " | ".join(impls) + " | fused / bound | bound's validation |"
-    sep = "|---" * (len(impls) + 3) + "|"
+    head = "| configuration | " + " | ".join(impls) + " | fused / bound | bound's validation | p.grad reads |"
+    sep = "|---" * (len(impls) + 4) + "|"
     rows = [head, sep]
     for c in results["configs"]:
         cells = []
@@ -337,10 +352,11 @@ def markdown_table(results: dict) -> str:
             cells.append(
                 "—" if r is None else f"{r['step_ms']:.1f} ms ({r['speedup_vs_torch_foreach']:.2f}x)"
             )
-        check = c["results"].get(BOUND, {}).get("validation_ms")
+        bound = c["results"].get(BOUND, {})
+        probes = ["—" if bound.get(key) is None else f"{bound[key]:.2f} ms" for key in ("validation_ms", "grad_reads_ms")]
         rows.append(
             f"| {c['name']} | " + " | ".join(cells) + f" | {100 * c['fused_fraction_of_bound']:.0f}% | "
-            + ("—" if check is None else f"{check:.2f} ms") + " |"
+            + " | ".join(probes) + " |"
         )
     return "\n".join(rows)
 
