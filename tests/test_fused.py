@@ -766,6 +766,50 @@ def test_low_precision_steps_are_bit_identical_on_every_isa(dtype, options, isa)
         assert torch.equal(a[keep].view(torch.int16) if a.dtype == dtype else a[keep], b[keep].view(torch.int16) if b.dtype == dtype else b[keep])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_prefetching_changes_no_bit(dtype, isa):
+    """The element loops step the same bits with and without their prefetch (which is chosen per
+    CPU: on for Intel), at every instruction-set level; lengths around the loops' chunk of 256
+    elements and the vector widths, with every buffer in use and the gradient unscaled in place."""
+    lengths = (1, 15, 255, 256, 257, 1031, 4099)
+
+    def train(on):
+        native.use_prefetch(on)
+        try:
+            gen = torch.Generator().manual_seed(0)
+            params = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in lengths]
+            opt = rmsprop.RMSprop(params, lr=0.01, fused=True, **FULL)
+            opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+            for _ in range(3):
+                for p in params:
+                    p.grad = (torch.randn(p.numel(), generator=gen) * 8).to(dtype)
+                opt.step()
+            return [t.detach().clone() for p in params for t in (p, p.grad, *opt.state[p].values())]
+        finally:
+            native.use_prefetch(None)
+
+    for a, b in zip(train(False), train(True), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_prefetch_is_on_for_intel_cpus_only():
+    """The default follows the measurements in the kernel (RMS_AHEAD): it helps on Intel, costs
+    on AMD; use_prefetch sets it and None restores the CPU's default."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next(line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id"))
+    except (OSError, StopIteration):
+        pytest.skip("no vendor_id in /proc/cpuinfo")
+    assert native.prefetches() == (vendor == "GenuineIntel")
+    try:
+        assert native.use_prefetch(True) is True and native.prefetches()
+        assert native.use_prefetch(False) is False and not native.prefetches()
+        with pytest.raises(TypeError, match="use_prefetch takes"):
+            native.use_prefetch(1)
+    finally:
+        assert native.use_prefetch(None) == (vendor == "GenuineIntel")
+
+
 def test_the_best_conversions_are_in_use():
     """The kernel picks the best level this CPU has (the benchmark machine: AVX-512)."""
     best = [level for level in ISA_LEVELS if ISA_PRESENT[level]][-1]

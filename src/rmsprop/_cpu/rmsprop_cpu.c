@@ -56,7 +56,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define RMS_ABI_VERSION 6
+#define RMS_ABI_VERSION 7
 
 /* Element kinds of a record (storage dtype); complex tensors are (re, im) pairs of f32 / f64. */
 enum { RMS_F32 = 0, RMS_F64 = 1, RMS_BF16 = 2, RMS_F16 = 3, RMS_C64 = 4, RMS_C128 = 5, RMS_KINDS = 6 };
@@ -253,8 +253,9 @@ static int64_t memo_bytes(int64_t n);
 int64_t rmsprop_memo_size(int64_t n) { return n < 0 ? -1 : memo_bytes(n); }
 
 int32_t rmsprop_set_isa(int32_t isa);
+int32_t rmsprop_set_prefetch(int32_t on);
 
-/* Install torch's shim functions (and choose the conversions this CPU runs best). Returns 0, or -1 when the struct does not match or a function
+/* Install torch's shim functions (and choose the conversions and prefetch this CPU runs best). Returns 0, or -1 when the struct does not match or a function
  * is missing (the kernel then stays unavailable). */
 int32_t rmsprop_init(const rms_torch_api *api) {
     if (!api || api->struct_size != (int64_t)sizeof(rms_torch_api)) return -1;
@@ -264,6 +265,7 @@ int32_t rmsprop_init(const rms_torch_api *api) {
         return -1;
     g_api = *api;
     rmsprop_set_isa(-1);
+    rmsprop_set_prefetch(-1);
     atomic_store(&g_api_ready, 1);
     return 0;
 }
@@ -722,14 +724,35 @@ typedef struct {
     double inv_scale, sign, wd, decay, alpha, one_minus_alpha, eps, lr, mu, k_buf, k_par;
 } rms_scalars;
 
-/* Software prefetch RMS_AHEAD bytes ahead of each stream the element loops read. Their
- * arithmetic (an IEEE division and square root per element) keeps too few loads in flight for
- * the hardware prefetcher to hide memory; measured on a 2-vCPU Xeon (AVX-512), 10 x 1M, two
- * threads, interleaved processes: bf16 5.0 -> 2.6 ms, fp16 3.3 -> 2.4, bf16 momentum+centered
- * 5.7 -> 4.1, fp32 4.6 -> 4.2 (the figures of README and CHANGELOG). A prefetch never faults, and the address is computed as an
- * integer, so reaching past a tensor's end reads nothing and is no pointer arithmetic out of
- * bounds. */
+/* Software prefetch RMS_AHEAD bytes ahead of each stream the element loops read, where it helps.
+ * On Intel the loops' arithmetic (an IEEE division and square root per element) keeps too few
+ * loads in flight for the hardware prefetcher to hide memory; measured on a 2-vCPU Xeon
+ * (AVX-512), 10 x 1M, two threads, interleaved processes: bf16 5.0 -> 2.6 ms, fp16 3.3 -> 2.4,
+ * bf16 momentum+centered 5.7 -> 4.1, fp32 4.6 -> 4.2 (the figures of README and CHANGELOG). On
+ * AMD it costs: on a 2-vCPU Zen 4 EPYC, off and on interleaved in one process, fp32 10 x 1M
+ * 4.6 -> 5.9 ms, 1 x 10M 4.6 -> 5.6, momentum+centered 7.8 -> 10.9, 2000 x 5k 7.8 -> 8.9, bf16
+ * and fp16 3% slower (its own prefetchers keep the lines coming; nearer, farther and L2-only
+ * prefetches were no better in separate builds), so it is on for Intel CPUs only
+ * (rmsprop_set_prefetch). A prefetch never faults, and the address is computed as an integer, so
+ * reaching past a tensor's end reads nothing and is no pointer arithmetic out of bounds. */
 #define RMS_AHEAD 2048
+static atomic_int g_prefetch = 0;
+/* -1: this CPU's default (on for Intel); 0 or 1: off or on, for tests and benchmarks. Returns
+ * whether the loops prefetch now. */
+int32_t rmsprop_set_prefetch(int32_t on) {
+    int chosen = on > 0;
+    if (on < 0) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+        __builtin_cpu_init();
+        chosen = __builtin_cpu_is("intel");
+#else
+        chosen = 0;
+#endif
+    }
+    atomic_store(&g_prefetch, chosen);
+    return chosen;
+}
+int32_t rmsprop_prefetches(void) { return atomic_load(&g_prefetch); }
 #define RMS_PREFETCH(ptr) __builtin_prefetch((const void *)((uintptr_t)(ptr) + RMS_AHEAD), 0, 3)
 
 /* ------------------------------------------------------------------ the element loop
@@ -754,9 +777,10 @@ typedef struct {
         const M gscale = write_back ? sign : inv_scale * sign;                                    \
         /* in chunks of RMS_CHUNK elements, each first prefetching a line at a time ahead (a   \
          * prefetch inside the element loop would keep GCC from vectorising it) */             \
+        const int ahead = atomic_load_explicit(&g_prefetch, memory_order_relaxed);                \
         for (int64_t i0 = 0; i0 < n; i0 += RMS_CHUNK) {                                          \
           const int64_t end = n - i0 < RMS_CHUNK ? n : i0 + RMS_CHUNK;                             \
-          for (int64_t k = i0; k < end; k += 64 / (int64_t)sizeof(S)) {                           \
+          for (int64_t k = i0; ahead && k < end; k += 64 / (int64_t)sizeof(S)) {                  \
             RMS_PREFETCH(g_ + k); RMS_PREFETCH(p_ + k); RMS_PREFETCH(v_ + k);                      \
             if (centered) RMS_PREFETCH(m_ + k);                                                    \
             if (mom_kind) RMS_PREFETCH(b_ + k);                                                    \
@@ -1003,8 +1027,9 @@ RMS_AVX2 static inline void vstore_f16(uint16_t *x, __m256 f) {
         if (write_back) { /* AMP: unscale the gradient in place, as GradScaler.unscale_ would */   \
             for (int64_t i = 0; i < whole; i += LANES) VSTORE(g_ + i, VOP(W, mul)(VLOAD(g_ + i), inv_scale)); \
         }                                                                                           \
+        const int ahead = atomic_load_explicit(&g_prefetch, memory_order_relaxed);                  \
         for (int64_t i = 0; i < whole; i += LANES) {                                                \
-            if ((i & 31) == 0) { /* a line of each stream ahead, every 64 bytes (RMS_AHEAD) */     \
+            if (ahead && (i & 31) == 0) { /* a line of each stream ahead, every 64 bytes */        \
                 RMS_PREFETCH(g_ + i); RMS_PREFETCH(p_ + i); RMS_PREFETCH(v_ + i);                   \
                 if (centered) RMS_PREFETCH(m_ + i);                                                 \
                 if (mom_kind) RMS_PREFETCH(b_ + i);                                                 \

@@ -249,6 +249,9 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # how the fused kernel runs here (both chosen for the CPU at load time)
+        "kernel_isa": fused_cpu.native.isa(),
+        "kernel_prefetch": fused_cpu.native.prefetches(),
     }
 
 

@@ -41,7 +41,7 @@ from ...options import RULE_OPTIONS
 
 __all__ = ["LIB", "load_error", "is_available", "Lists", "Call", "LIST_NAMES", "handles", "memo_size"]
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 # Element kinds of the C side, in its order, and the dtypes they are.
 KINDS = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
 LIST_NAMES = ("param", "grad", "square_avg", "grad_avg", "momentum_buffer", "step")
@@ -335,6 +335,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         lib.rmsprop_set_isa.argtypes = [ctypes.c_int32]
         lib.rmsprop_set_isa.restype = ctypes.c_int32
         lib.rmsprop_isa.restype = ctypes.c_int32
+        lib.rmsprop_set_prefetch.argtypes = [ctypes.c_int32]
+        lib.rmsprop_set_prefetch.restype = ctypes.c_int32
+        lib.rmsprop_prefetches.restype = ctypes.c_int32
         for name in ("rmsprop_f16_to_f32", "rmsprop_f32_to_f16", "rmsprop_bf16_to_f32", "rmsprop_f32_to_bf16"):
             getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
             getattr(lib, name).restype = ctypes.c_int32
@@ -530,6 +533,23 @@ def use_isa(name: str) -> str:
         raise ValueError(f"use_isa takes 'best' or one of {ISAS}, got {name!r}")
     _ISA = ISAS[LIB.rmsprop_set_isa(-1 if name == "best" else ISAS.index(name))]
     return _ISA
+
+
+def prefetches() -> bool:
+    """Whether the element loops prefetch ahead of their streams: on for Intel CPUs, where it
+    was measured to help, off elsewhere (see the kernel's RMS_AHEAD)."""
+    return LIB is not None and bool(LIB.rmsprop_prefetches())
+
+
+def use_prefetch(on: bool | None) -> bool:
+    """Prefetch in the element loops (True), or not (False), or as this CPU's default (None); for
+    tests and benchmarks, which compare them. The results are the same bits either way. Returns
+    whether the loops prefetch now."""
+    if on is not None and not isinstance(on, bool):
+        raise TypeError(f"use_prefetch takes True, False or None, got {on!r}")
+    if LIB is None:
+        raise RuntimeError(f"the native library is unavailable: {load_error()}")
+    return bool(LIB.rmsprop_set_prefetch(-1 if on is None else int(on)))
 
 
 def memo_size(n: int) -> int:
