@@ -807,7 +807,8 @@ def test_prefetch_is_on_for_intel_cpus_only():
         with pytest.raises(TypeError, match="use_prefetch takes"):
             native.use_prefetch(1)
     finally:
-        assert native.use_prefetch(None) == (vendor == "GenuineIntel")
+        restored = native.use_prefetch(None)
+    assert restored == (vendor == "GenuineIntel")
 
 
 def test_the_best_conversions_are_in_use():

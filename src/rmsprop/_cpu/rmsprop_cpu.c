@@ -775,8 +775,9 @@ int32_t rmsprop_prefetches(void) { return atomic_load(&g_prefetch); }
             for (int64_t i = 0; i < n; i++) g_[i] = STORE(LOAD(g_[i]) * inv_scale);              \
         }                                                                                         \
         const M gscale = write_back ? sign : inv_scale * sign;                                    \
-        /* in chunks of RMS_CHUNK elements, each first prefetching a line at a time ahead (a   \
-         * prefetch inside the element loop would keep GCC from vectorising it) */             \
+        /* in chunks of RMS_CHUNK elements, each first prefetching a line at a time ahead where \
+         * this CPU gains from it (g_prefetch; inside the element loop a prefetch would keep    \
+         * GCC from vectorising it) */                                                          \
         const int ahead = atomic_load_explicit(&g_prefetch, memory_order_relaxed);                \
         for (int64_t i0 = 0; i0 < n; i0 += RMS_CHUNK) {                                          \
           const int64_t end = n - i0 < RMS_CHUNK ? n : i0 + RMS_CHUNK;                             \

@@ -250,8 +250,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         # how the fused kernel runs here (both chosen for the CPU at load time)
-        "kernel_isa": fused_cpu.native.isa(),
-        "kernel_prefetch": fused_cpu.native.prefetches(),
+        "kernel_isa": fused_cpu.native.isa() if fused_cpu.is_available() else None,
+        "kernel_prefetch": fused_cpu.native.prefetches() if fused_cpu.is_available() else None,
     }
 
 
@@ -327,11 +327,10 @@ def format_row(row: dict) -> str:
     )
     for impl, r in row["results"].items():
         extra = f"  (compile {r['compile_s']:.1f} s)" if "compile_s" in r else ""
-        if "validation_ms" in r:
-            extra = (
-                f"  (alone, after a stream: its validation of the fp32 tensors {r['validation_ms']:.2f} ms, "
-                f"reading every p.grad {r['grad_reads_ms']:.2f} ms)"
-            )
+        if "validation_ms" in r:  # (an older bench.json has no grad_reads_ms)
+            probes = [f"its validation of the fp32 tensors {r['validation_ms']:.2f} ms"]
+            probes += [f"reading every p.grad {r['grad_reads_ms']:.2f} ms"] if "grad_reads_ms" in r else []
+            extra = f"  (alone, after a stream: {', '.join(probes)})"
         lines.append(
             f"  {impl:<24}{r['step_ms']:>9.2f}{r['steps_per_s']:>9.1f}{r['gelem_per_s']:>9.2f}"
             f"{r['gb_per_s']:>8.1f}{r['speedup_vs_torch_foreach']:>17.2f}x{extra}"
