@@ -22,7 +22,6 @@ does first on every step (the fused path too), after a stream as a step finds th
 from __future__ import annotations
 
 import json
-import operator
 import os
 import platform
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..backends import fused_cpu
-from ..optimizer import RMSprop
+from ..optimizer import _GRAD, RMSprop  # (_GRAD: how the optimizer reads .grad, mapped over a C getter)
 from . import state, sweeps
 from .bound import stream_bound
 from .models import MODELS
@@ -104,7 +103,6 @@ IMPLEMENTATIONS: dict[str, Factory] = {
 BASELINE = "torch foreach"
 COMPILED = "torch.compile(torch)"
 BOUND = "bandwidth bound"
-_GRAD = operator.attrgetter("grad")  # (as the optimizer reads them: map over a C getter)
 
 
 def _tensors(config: Config, seed: int = 0) -> list[torch.Tensor]:
@@ -242,6 +240,7 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    kernel = fused_cpu.is_available()
     return {
         "cpu": cpu,
         "logical_cores": os.cpu_count(),
@@ -250,8 +249,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         # how the fused kernel runs here (both chosen for the CPU at load time)
-        "kernel_isa": fused_cpu.native.isa() if fused_cpu.is_available() else None,
-        "kernel_prefetch": fused_cpu.native.prefetches() if fused_cpu.is_available() else None,
+        "kernel_isa": fused_cpu.native.isa() if kernel else None,
+        "kernel_prefetch": fused_cpu.native.prefetches() if kernel else None,
     }
 
 
